@@ -1,0 +1,30 @@
+# Both targets create and reuse .venv in the repo root, installing only pinned versions.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lorafit-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and alone, so pip takes the local CPU wheel and never a CUDA build.
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lorafit demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(PY) bench/bench_merge.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

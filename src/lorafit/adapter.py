@@ -1,0 +1,329 @@
+"""Adapter and LoraModule: the canonical, lazily read view of a PEFT LoRA adapter, and its PEFT reader.
+
+A PEFT checkpoint key is `base_model.model.<module path>.<role>`. The reader groups keys by module
+path into one LoraModule each (A, B and, where present, lora_bias and the DoRA magnitude); every other
+tensor (modules_to_save copies, saved embedding layers) is kept as an ExtraTensor. Only headers are read
+here; tensor data is read on demand through `Adapter.tensor`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import patterns
+from .align import Entry
+from .errors import AdapterFormatError, AdapterNotFoundError, LorafitError
+from .io import TensorInfo, read_safetensors_header
+from .peft_schema import peft_types
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# Role of a tensor inside a LoRA module, by the key's suffix. Order matters: longest first.
+_ROLE_SUFFIXES = (
+    ("lora_magnitude_vector.weight", "magnitude"),
+    ("lora_magnitude_vector", "magnitude"),
+    ("lora_embedding_A", "A"),
+    ("lora_embedding_B", "B"),
+    ("lora_A.weight", "A"),
+    ("lora_B.weight", "B"),
+    ("lora_B.bias", "bias"),
+)
+_TORCH_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: its path in the saved layout, tensor keys by role, and the resolved hyper-parameters.
+
+    kind is "linear" (Linear and Conv1D alike: the adapter cannot tell them apart), "embedding" or "conv".
+    in_features/out_features are those of the base layer as the LoRA tensors imply them.
+    """
+
+    path: str
+    kind: str
+    keys: dict[str, str]
+    rank: int
+    in_features: int
+    out_features: int
+    alpha: float = 0.0
+    scaling: float = 0.0
+    config_rank: int = 0
+
+    @property
+    def has_dora(self) -> bool:
+        return "magnitude" in self.keys
+
+    @property
+    def has_bias(self) -> bool:
+        return "bias" in self.keys
+
+
+@dataclass
+class ExtraTensor:
+    """A saved tensor that is not a LoRA factor: a modules_to_save copy or a saved (resized) embedding layer.
+
+    `module` is the module path it belongs to and `param` the parameter name (weight, bias).
+    """
+
+    key: str
+    module: str
+    param: str
+    info: TensorInfo
+    kind: str  # "modules_to_save" | "embedding_base" | "other"
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter: config plus lazily read tensors, grouped into LoraModules."""
+
+    path: Path
+    weights_path: Path
+    config: dict[str, Any]
+    infos: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+    extras: list[ExtraTensor] = field(default_factory=list)
+    unprefixed_keys: list[str] = field(default_factory=list)
+    incomplete: dict[str, list[str]] = field(default_factory=dict)  # module path -> roles present without A or B
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def task_type(self) -> str | None:
+        return self.config.get("task_type")
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Read one tensor's data (cached). Raises AdapterFormatError if the file cannot be read."""
+        if key not in self._cache:
+            if self.weights_path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                try:
+                    with safe_open(str(self.weights_path), framework="pt") as f:
+                        self._cache[key] = f.get_tensor(key)
+                except Exception as e:  # safetensors raises its own error types for corrupt data
+                    raise AdapterFormatError(f"cannot read tensor {key!r}: {e}", self.weights_path) from None
+            else:
+                self._cache.update(_load_bin(self.weights_path))
+        return self._cache[key]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All tensors, keyed as in the file."""
+        return {k: self.tensor(k) for k in self.infos}
+
+    def module_keys(self) -> list[str]:
+        """Every key that belongs to a LoraModule."""
+        return [k for m in self.modules.values() for k in m.keys.values()]
+
+
+def resolve_adapter_dir(spec: str | Path, subfolder: str | None = None) -> Path:
+    """Find the adapter directory for a path, a file inside it, a parent of one adapter, or a cached hub id.
+
+    Raises:
+        AdapterNotFoundError: nothing adapter-like is there, or several adapters are and none was chosen.
+    """
+    p = Path(spec).expanduser()
+    if not p.exists() and _looks_like_repo_id(str(spec)):
+        p = _from_hf_cache(str(spec))
+    if subfolder:
+        p = p / subfolder
+    if p.is_file():
+        p = p.parent
+    if not p.is_dir():
+        raise AdapterNotFoundError("no such adapter directory (and no cached hub snapshot by that id)", p)
+    if (p / CONFIG_NAME).exists():
+        return p
+    nested = sorted(c for c in p.iterdir() if c.is_dir() and (c / CONFIG_NAME).exists())
+    if len(nested) == 1:
+        return nested[0]
+    if nested:
+        names = ", ".join(c.name for c in nested)
+        raise AdapterNotFoundError(f"holds several adapters ({names}); pass one of those sub-directories", p)
+    raise AdapterNotFoundError(f"{CONFIG_NAME} is missing: this is not a PEFT adapter directory", p)
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec)) and not spec.startswith((".", "/"))
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    """Resolve a hub id through the local HF cache only; nothing is downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        return Path(repo_id)  # reported by the caller as "no such directory"
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read and validate adapter_config.json.
+
+    Raises:
+        AdapterNotFoundError / AdapterFormatError: missing, empty, not JSON, or not a LoRA config.
+    """
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.exists():
+        raise AdapterNotFoundError(f"{CONFIG_NAME} is missing", path)
+    text = cfg_path.read_text(errors="replace")
+    if not text.strip():
+        raise AdapterFormatError("is empty", cfg_path)
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{e.msg} at line {e.lineno}, column {e.colno}"
+        raise AdapterFormatError(f"is not valid JSON ({where})", cfg_path) from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError("is not a JSON object", cfg_path)
+    peft_type = config.get("peft_type")
+    if peft_type is None:
+        raise AdapterFormatError("has no peft_type; a PEFT adapter config always names one", cfg_path)
+    if peft_type != "LORA":
+        if str(peft_type).upper() in peft_types():
+            raise AdapterFormatError(f"peft_type {peft_type!r} is not supported: lorafit reads LoRA adapters", cfg_path)
+        raise AdapterFormatError(f"unknown peft_type {peft_type!r} (this PEFT knows LORA, IA3, ADALORA, ...)", cfg_path)
+    for name in ("r", "lora_alpha"):
+        if name in config and not isinstance(config[name], (int, float)):
+            raise AdapterFormatError(f"{name} must be a number, got {config[name]!r}", cfg_path)
+    return config
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a .bin that needs more than tensors is refused, never executed."""
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported global"
+        raise AdapterFormatError(
+            f"needs pickle beyond weights_only ({first[:120]}); lorafit will not execute code from a checkpoint. "
+            "Re-save it with safetensors", path) from None
+    except Exception as e:
+        why = f"{type(e).__name__}: {str(e)[:120]}"
+        raise AdapterFormatError(f"is not a readable torch checkpoint ({why})", path) from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise AdapterFormatError("does not hold a flat dict of tensors", path)
+    return data
+
+
+def _read_infos(weights: Path) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, torch.Tensor]]:
+    if weights.suffix == ".safetensors":
+        infos, metadata = read_safetensors_header(weights)
+        return infos, metadata, {}
+    tensors = _load_bin(weights)
+    infos = {k: TensorInfo(tuple(v.shape), _TORCH_DTYPE_CODES.get(str(v.dtype).removeprefix("torch."), "F32"))
+             for k, v in tensors.items()}
+    return infos, {}, tensors
+
+
+def split_key(key: str) -> tuple[str, str | None, str]:
+    """Split a checkpoint key into (module path, LoRA role or None, parameter suffix); strips `base_model.model.`."""
+    body = key.removeprefix(PEFT_PREFIX)
+    for suffix, role in _ROLE_SUFFIXES:
+        if body.endswith("." + suffix):
+            return body[: -len(suffix) - 1], role, suffix
+    module, _, param = body.rpartition(".")
+    return module, None, param
+
+
+def _check_ndim(key: str, role: str, info: TensorInfo, weights: Path) -> None:
+    nd = len(info.shape)
+    ok = {"A": (2, 3, 4, 5), "B": (2, 3, 4, 5), "bias": (1,), "magnitude": (1, 2, 3, 4, 5)}[role]
+    if "embedding" in key:
+        ok = (2,)
+    if nd not in ok:
+        raise AdapterFormatError(
+            f"tensor {key!r} has {nd} dimensions {list(info.shape)}; a LoRA {role} tensor has {ok[0]}", weights
+        )
+
+
+def read_adapter(spec: str | Path, subfolder: str | None = None) -> Adapter:
+    """Read a PEFT LoRA adapter: config and tensor headers now, tensor data on demand.
+
+    Args:
+        spec: adapter directory, a file in it, a parent holding one adapter, or a hub id in the local cache.
+        subfolder: a named adapter's sub-directory (PEFT saves non-default adapters there).
+    Returns:
+        the Adapter, with one LoraModule per adapted module path.
+    Raises:
+        LorafitError subclasses for every unreadable input (exit code 2 at the CLI).
+    """
+    path = resolve_adapter_dir(spec, subfolder)
+    config = read_config(path)
+    weights = path / SAFETENSORS_NAME
+    if not weights.exists():
+        weights = path / BIN_NAME
+    if not weights.exists():
+        raise AdapterNotFoundError(f"weights file missing: expected {SAFETENSORS_NAME} or {BIN_NAME}", path)
+    infos, metadata, preloaded = _read_infos(weights)
+    if not infos:
+        raise AdapterFormatError("holds no tensors", weights)
+    adapter = Adapter(path=path, weights_path=weights, config=config, infos=infos, metadata=metadata)
+    adapter._cache.update(preloaded)
+    _group_modules(adapter)
+    return adapter
+
+
+def _group_modules(adapter: Adapter) -> None:
+    roles: dict[str, dict[str, str]] = {}
+    mts = adapter.config.get("modules_to_save") or []
+    for key, info in adapter.infos.items():
+        if not key.startswith(PEFT_PREFIX):
+            adapter.unprefixed_keys.append(key)
+        module, role, param = split_key(key)
+        if role is None:
+            kind = "other"
+            if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in mts):
+                kind = "modules_to_save"
+            elif module.endswith(".base_layer"):
+                kind = "embedding_base"
+            adapter.extras.append(ExtraTensor(key, module, param, info, kind))
+            continue
+        _check_ndim(key, role, info, adapter.weights_path)
+        roles.setdefault(module, {})[role] = key
+    for module, keys in sorted(roles.items()):
+        if "A" not in keys or "B" not in keys:
+            adapter.incomplete[module] = sorted(keys)
+            continue
+        a, b = adapter.infos[keys["A"]].shape, adapter.infos[keys["B"]].shape
+        if "lora_embedding" in keys["A"]:
+            kind, rank, in_f, out_f = "embedding", a[0], a[1], b[0]
+        else:
+            kind, rank, in_f, out_f = ("linear" if len(a) == 2 else "conv"), a[0], a[1], b[0]
+        cfg_r, alpha = patterns.resolve_rank_alpha(adapter.config, module)
+        adapter.modules[module] = LoraModule(
+            path=module, kind=kind, keys=keys, rank=rank, in_features=in_f, out_features=out_f,
+            alpha=alpha, scaling=patterns.scaling(adapter.config, cfg_r, alpha), config_rank=cfg_r,
+        )
+
+
+def ensure_adapter(adapter: Adapter | str | Path) -> Adapter:
+    """Accept an Adapter or anything read_adapter accepts."""
+    if isinstance(adapter, Adapter):
+        return adapter
+    if not isinstance(adapter, (str, Path)):
+        raise LorafitError(f"expected an adapter path or Adapter, got {type(adapter).__name__}")
+    return read_adapter(adapter)
+
+
+def entries_of(adapter: Adapter) -> list[Entry]:
+    """What the adapter wants to land, as plain alignment entries: LoRA modules, then saved tensors."""
+    out = [Entry(m.path, m.kind, m.in_features, m.out_features) for m in adapter.modules.values()]
+    out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key) for x in adapter.extras]
+    return out

@@ -1,0 +1,244 @@
+"""Map an adapter's module paths onto a ModuleTree: pure data in, an Alignment out (no IO, no torch).
+
+Layouts differ by a prefix: LlamaForCausalLM holds LlamaModel under `model.`, GPT2LMHeadModel under
+`transformer.`, a refactored VLM under `model.language_model.` instead of `language_model.model.`.
+So the search is over prefix rewrites `src -> dst`: every (adapter prefix, tree prefix) pair that makes
+some adapter path land on some tree path gets a vote, the best-voted candidates are scored in full,
+and a rewrite is accepted only when it is one-to-one and every shape agrees.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .patterns import is_targeted
+from .tree import ModuleTree
+
+# How many of the best-voted candidates are scored in full; the rest are noise (a q_proj of layer 3
+# "matching" the q_proj of layer 7).
+_CANDIDATES_SCORED = 12
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing the adapter wants to land: a LoRA module (kind linear/embedding/conv) or a saved tensor."""
+
+    path: str  # module path in the adapter's layout
+    kind: str  # "linear" | "embedding" | "conv" | "tensor"
+    in_features: int | None = None
+    out_features: int | None = None
+    param: str | None = None  # for kind "tensor": parameter name and shape
+    shape: tuple[int, ...] | None = None
+    key: str | None = None  # for kind "tensor": the checkpoint key
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """A path rewrite: replace the leading `src` with `dst` (kind "prefix"), or user regexes (kind "regex")."""
+
+    src: str = ""
+    dst: str = ""
+    regexes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.regexes and self.src == self.dst
+
+    def apply(self, path: str) -> str:
+        if self.regexes:
+            for pattern, repl in self.regexes:
+                new, n = re.subn(pattern, repl, path)
+                if n:
+                    return new
+            return path
+        if path.startswith(self.src) or (self.src and path + "." == self.src):
+            return self.dst + path[len(self.src):]
+        return path
+
+    def describe(self) -> str:
+        if self.regexes:
+            return ", ".join(f"{p}={r}" for p, r in self.regexes)
+        if self.is_identity:
+            return "as saved"
+        if not self.src:
+            return f"add prefix {self.dst!r}"
+        if not self.dst:
+            return f"strip prefix {self.src!r}"
+        return f"replace prefix {self.src!r} with {self.dst!r}"
+
+    def to_json(self) -> dict[str, Any]:
+        if self.regexes:
+            return {"type": "regex", "mapping": [list(r) for r in self.regexes]}
+        return {"type": "prefix", "from": self.src, "to": self.dst, "description": self.describe()}
+
+
+@dataclass(frozen=True)
+class ShapeConflict:
+    adapter_path: str
+    target_path: str
+    expected: str  # what the adapter needs
+    actual: str  # what the target has
+
+
+@dataclass
+class Mapping_:
+    """The result of applying one Rewrite: where each entry lands, and what does not."""
+
+    rewrite: Rewrite
+    pairs: dict[str, str] = field(default_factory=dict)  # adapter module path -> tree path (shapes agree)
+    tensor_pairs: dict[str, str] = field(default_factory=dict)  # saved tensor key -> tree module path
+    unmatched: list[str] = field(default_factory=list)  # LoRA module paths with no tree module: dropped
+    unmatched_tensors: list[str] = field(default_factory=list)  # saved tensor keys with nowhere to go
+    conflicts: list[ShapeConflict] = field(default_factory=list)
+    collisions: dict[str, list[str]] = field(default_factory=dict)  # tree path -> adapter paths (not 1:1)
+    missing: list[str] = field(default_factory=list)  # targeted tree modules that get no tensor: stay at init
+
+    @property
+    def score(self) -> int:
+        return len(self.pairs) + len(self.tensor_pairs)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.unmatched or self.unmatched_tensors or self.conflicts or self.collisions or self.missing)
+
+
+@dataclass
+class Alignment:
+    """Adapter paths x ModuleTree. `as_is` is what stock PEFT will do; `chosen` the best rewrite found."""
+
+    as_is: Mapping_
+    chosen: Mapping_
+    ambiguous: list[Mapping_] = field(default_factory=list)  # other rewrites as good as chosen
+    rejected: list[tuple[Rewrite, int, str]] = field(default_factory=list)  # (rewrite, score, reason)
+    total: int = 0  # entries to land
+
+    @property
+    def needs_rewrite(self) -> bool:
+        return not self.chosen.rewrite.is_identity
+
+
+def _tree_key(entry: Entry) -> str:
+    # PEFT saves a targeted embedding's base weight under `<path>.base_layer.weight`.
+    return entry.path.removesuffix(".base_layer") if entry.kind == "tensor" else entry.path
+
+
+def _fits(entry: Entry, tree: ModuleTree, path: str) -> str | None:
+    """None when `entry` fits the tree module at `path`; otherwise what does not agree."""
+    info = tree.modules[path]
+    if entry.kind == "tensor":
+        have = info.params.get(entry.param or "")
+        if have is None:
+            return f"no parameter {entry.param!r}"
+        return None if tuple(have) == entry.shape else f"{entry.param} {list(have)} vs {list(entry.shape or ())}"
+    if info.lora_kind != entry.kind:
+        return f"{info.kind} cannot take a LoRA {entry.kind} adapter"
+    if (info.in_features, info.out_features) != (entry.in_features, entry.out_features):
+        return f"{info.kind}({info.in_features}->{info.out_features})"
+    return None
+
+
+def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
+                  config: Mapping[str, Any] | None = None) -> Mapping_:
+    """Land every entry under `rewrite`; collect pairs, drops, shape conflicts, collisions and misses."""
+    m = Mapping_(rewrite)
+    owners: dict[str, list[str]] = {}
+    for e in entries:
+        target = rewrite.apply(_tree_key(e))
+        if target not in tree.modules:
+            (m.unmatched_tensors if e.kind == "tensor" else m.unmatched).append(e.key or e.path)
+            continue
+        problem = _fits(e, tree, target)
+        if problem is not None:
+            expected = (f"{e.param} {list(e.shape or ())}" if e.kind == "tensor"
+                        else f"{e.kind}({e.in_features}->{e.out_features})")
+            m.conflicts.append(ShapeConflict(e.key or e.path, target, expected, problem))
+            continue
+        if e.kind == "tensor":
+            m.tensor_pairs[e.key or e.path] = target
+        else:
+            owners.setdefault(target, []).append(e.path)
+            m.pairs[e.path] = target
+    for target, paths in owners.items():
+        if len(paths) > 1:
+            m.collisions[target] = paths
+            for p in paths:
+                m.pairs.pop(p, None)
+    if config is not None:
+        landed = set(m.pairs.values())
+        m.missing = [p for p, info in tree.modules.items()
+                     if info.lora_kind and p not in landed and is_targeted(config, p)]
+    return m
+
+
+def _prefixes(path: str) -> Iterable[tuple[str, str]]:
+    """(prefix, rest) splits of a dotted path at every dot, prefix ending in '.' or empty."""
+    parts = path.split(".")
+    for i in range(len(parts)):
+        yield (".".join(parts[:i]) + "." if i else ""), ".".join(parts[i:])
+
+
+def candidate_rewrites(entries: Sequence[Entry], tree: ModuleTree) -> list[Rewrite]:
+    """Prefix rewrites ranked by how many entry paths they would land somewhere in the tree."""
+    by_suffix: dict[str, list[str]] = {}
+    for t in tree.modules:
+        if not t:
+            continue
+        for prefix, rest in _prefixes(t):
+            by_suffix.setdefault(rest, []).append(prefix)
+    votes: Counter[tuple[str, str]] = Counter()
+    for e in entries:
+        seen: set[tuple[str, str]] = set()
+        for src, rest in _prefixes(_tree_key(e)):
+            for dst in by_suffix.get(rest, ()):
+                # Strip the common tail of src and dst: ("model.layers.", "layers.") is ("model.", "").
+                s, d = src, dst
+                while s and d and s.rsplit(".", 2)[-2] == d.rsplit(".", 2)[-2]:
+                    s = s[: -len(s.rsplit(".", 2)[-2]) - 1]
+                    d = d[: -len(d.rsplit(".", 2)[-2]) - 1]
+                seen.add((s, d))
+        votes.update(seen)
+    ranked = sorted(votes.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1])))
+    out = [Rewrite()]
+    out += [Rewrite(s, d) for (s, d), _ in ranked[:_CANDIDATES_SCORED] if s != d]
+    return out
+
+
+def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] | None = None,
+          key_mapping: Sequence[tuple[str, str]] = ()) -> Alignment:
+    """Align adapter entries with a module tree.
+
+    Args:
+        entries: what the adapter holds (see `entries_of`).
+        tree: the target's ModuleTree.
+        config: the adapter config; with it, targeted modules left without tensors are reported as missing.
+        key_mapping: user regex rewrites (pattern, replacement), tried in order, first match wins.
+    Returns:
+        the Alignment: as_is (what stock PEFT does), the chosen rewrite, ambiguities and rejected candidates.
+    """
+    as_is = apply_rewrite(entries, tree, Rewrite(), config)
+    if key_mapping:
+        chosen = apply_rewrite(entries, tree, Rewrite(regexes=tuple(key_mapping)), config)
+        return Alignment(as_is=as_is, chosen=chosen, total=len(entries))
+    scored = [as_is] + [apply_rewrite(entries, tree, r, config) for r in candidate_rewrites(entries, tree)[1:]]
+    best = max(m.score for m in scored)
+    winners: list[Mapping_] = []
+    rejected: list[tuple[Rewrite, int, str]] = []
+    for m in scored:
+        if m.score == best and best > 0:
+            if not any(w.pairs == m.pairs and w.tensor_pairs == m.tensor_pairs for w in winners):
+                winners.append(m)
+        elif not m.rewrite.is_identity:
+            why = ("not one-to-one" if m.collisions else
+                   "shapes disagree" if m.conflicts else f"lands {m.score} of {len(entries)}")
+            rejected.append((m.rewrite, m.score, why))
+    if not winners:
+        return Alignment(as_is=as_is, chosen=as_is, rejected=rejected, total=len(entries))
+    # Identity wins a tie: never rewrite what already lands.
+    winners.sort(key=lambda m: (not m.rewrite.is_identity, len(m.rewrite.src) + len(m.rewrite.dst)))
+    chosen, others = winners[0], winners[1:]
+    ambiguous = [] if chosen.rewrite.is_identity else others
+    return Alignment(as_is=as_is, chosen=chosen, ambiguous=ambiguous, rejected=rejected, total=len(entries))

@@ -1,0 +1,157 @@
+"""The `lorafit` command: thin. Parse, call the API, render, exit.
+
+Exit codes, decided here only: 0 no error finding, 1 an error finding, 2 bad input or usage.
+torch, transformers and peft are imported inside the commands that need them, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import AdapterMismatchError, LorafitError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    help="Make sure a LoRA adapter really lands on the model it is loaded into.\n\n"
+         "Exit codes: 0 clean, 1 an error finding, 2 bad input or usage. Nothing is ever downloaded.",
+)
+
+ClassOpt = Annotated[str | None, typer.Option(
+    "--class", "-c", help="The class you load the base with: an Auto class (AutoModel, AutoModelForCausalLM, "
+    "AutoModelForSequenceClassification, ...) or a concrete one (LlamaModel). Default: what task_type implies.")]
+BaseOpt = Annotated[str, typer.Option("--base", "-b", help="Base model: a local directory, or a hub id already "
+                                      "in the local HF cache.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema lorafit.report/1).")]
+MapOpt = Annotated[list[str] | None, typer.Option(
+    "--key-mapping", "-k", help="Rewrite module paths with a regex, REGEX=REPLACEMENT (repeatable, first match "
+    "wins), like PEFT's key_mapping. Overrides the automatic layout search.")]
+AdapterArg = Annotated[str, typer.Argument(help="Adapter directory (adapter_config.json + weights), a parent "
+                                           "holding one adapter, or a hub id in the local HF cache.")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _emit(report: Any, as_json: bool, show_modules: bool = False) -> None:
+    if as_json:
+        sys.stdout.write(report.dumps() + "\n")
+    else:
+        from .report import render
+
+        render(report, show_modules=show_modules)
+    raise typer.Exit(report.exit_code)
+
+
+def _run(fn: Callable[[], Any], as_json: bool, show_modules: bool = False) -> None:
+    """Call the API; a user error becomes one line on stderr and exit 2."""
+    _quiet_libraries()
+    try:
+        report = fn()
+    except LorafitError as e:
+        typer.echo(f"lorafit: error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except AdapterMismatchError as e:
+        typer.echo(f"lorafit: {e}", err=True)
+        raise typer.Exit(1) from None
+    _emit(report, as_json, show_modules)
+
+
+@app.command()
+def inspect(adapter: AdapterArg, as_json: JsonOpt = False,
+            modules: Annotated[bool, typer.Option("--modules/--no-modules",
+                                                  help="Show the per-module table.")] = True) -> None:
+    """What an adapter holds, and whether it is healthy (rank, alpha, scaling, coverage, zeros, NaN)."""
+    from .check import inspect as run
+
+    _run(lambda: run(adapter), as_json, show_modules=modules)
+
+
+@app.command()
+def check(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None, key_mapping: MapOpt = None,
+          as_json: JsonOpt = False) -> None:
+    """Will ADAPTER land on BASE loaded with --class? Reads config and headers, no model weights."""
+    from .check import check as run
+
+    _run(lambda: run(adapter, base, class_name, key_mapping), as_json)
+
+
+@app.command()
+def fix(adapter: AdapterArg, base: BaseOpt,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the fixed adapter to.")],
+        class_name: ClassOpt = None, key_mapping: MapOpt = None,
+        force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+        as_json: JsonOpt = False) -> None:
+    """Write a copy of ADAPTER that stock PEFT loads completely on BASE with --class.
+
+    Tensors are copied bit for bit under remapped keys; the input is never modified; OUT appears only
+    when complete. If the adapter cannot be made to land, nothing is written and the exit code is 1.
+    """
+    from .fix import fix as run
+
+    _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force), as_json)
+
+
+@app.command()
+def verify(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None,
+           probe: Annotated[bool, typer.Option("--probe", help="Also check each adapted module's output "
+                                               "changes on a random input.")] = False,
+           lorafit_load: Annotated[bool, typer.Option("--lorafit-load/--stock-load", help="Load with "
+                                                      "lorafit.load_adapter (aligned) or with stock "
+                                                      "PeftModel.from_pretrained.")] = False,
+           as_json: JsonOpt = False) -> None:
+    """Load BASE with --class and ADAPTER on top (stock PEFT by default), then prove the load bit for bit."""
+
+    def run() -> Any:
+        from .adapter import read_adapter
+        from .load import load_adapter
+        from .load import verify as verify_loaded
+        from .target import default_class_name, load_config, resolve_class, resolve_model_dir
+
+        a = read_adapter(adapter)
+        model_dir = resolve_model_dir(base)
+        cls = resolve_class(class_name or default_class_name(a.task_type), load_config(model_dir))
+        model = cls.from_pretrained(str(model_dir))  # type: ignore[attr-defined]
+        if lorafit_load:
+            pm = load_adapter(model, a, strict=False)
+        else:
+            from peft import PeftModel
+
+            try:
+                pm = PeftModel.from_pretrained(model, str(a.path))
+            except Exception as e:  # stock PEFT's own failure is the finding here
+                raise LorafitError(f"stock PeftModel.from_pretrained failed: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200]} (run `lorafit check` for the cause)",
+                                   a.path) from None
+        return verify_loaded(pm, a, probe=probe)
+
+    _run(run, as_json)
+
+
+@app.command()
+def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files in this directory.")] = None) -> None:
+    """Train a tiny Llama adapter, break it the usual way, diagnose it and fix it. No download, < 1 min."""
+    _quiet_libraries()
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(keep))
+
+
+def main() -> None:
+    """Entry point; usage errors exit 2 (click's convention), everything else as documented above."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Finding: one diagnosis with a stable code. CATALOG lists every code; docs/findings.md documents each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+_ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
+
+# code -> (severity, one-line title). Codes are stable: tools match on them.
+CATALOG: dict[str, tuple[str, str]] = {
+    # adapter alone (inspect)
+    "adapter-no-effect": (ERROR, "every lora_B is zero: the adapter changes nothing"),
+    "lora-b-zero": (WARNING, "some modules have an all-zero lora_B"),
+    "non-finite": (ERROR, "NaN or Inf in adapter tensors"),
+    "rank-mismatch": (ERROR, "tensor rank disagrees with r / rank_pattern"),
+    "rank-inconsistent": (ERROR, "lora_A and lora_B disagree on the rank"),
+    "incomplete-module": (ERROR, "a module has lora_A without lora_B, or the reverse"),
+    "dora-mismatch": (ERROR, "use_dora disagrees with the magnitude tensors present"),
+    "bias-mismatch": (WARNING, "lora_bias disagrees with the lora_B.bias tensors present"),
+    "modules-to-save-not-saved": (WARNING, "modules_to_save names modules with no saved tensors"),
+    "unknown-config-field": (WARNING, "config fields this PEFT version does not know"),
+    "unprefixed-keys": (WARNING, "tensor keys without the base_model.model. prefix PEFT expects"),
+    # adapter x target (check)
+    "layout-mismatch": (ERROR, "the adapter was saved for another module layout"),
+    "ambiguous-layout": (ERROR, "more than one rewrite lands the adapter equally well"),
+    "dropped-tensors": (ERROR, "adapter tensors that PEFT would drop (unexpected keys)"),
+    "missing-adapter-weights": (ERROR, "targeted modules that would keep their init values"),
+    "shape-mismatch": (ERROR, "in/out features disagree with the target module"),
+    "embedding-size": (ERROR, "embedding rows disagree with the target's vocabulary"),
+    "pattern-mismatch": (ERROR, "rank_pattern / alpha_pattern resolve differently on the target paths"),
+    "modules-to-save-absent": (ERROR, "a trained modules_to_save head has no place in the target class"),
+    "modules-to-save-missing": (WARNING, "the target has a modules_to_save module the checkpoint lacks"),
+    "task-type-incompatible": (ERROR, "task_type needs a class the target is not (PEFT raises AttributeError)"),
+    "task-type-mismatch": (WARNING, "task_type names another kind of head than the target class"),
+    "tied-embeddings": (WARNING, "the adapter touches embeddings that the target ties"),
+    "fixed": (INFO, "fix wrote an adapter that lands on the target"),
+    # verify / merge
+    "not-bit-equal": (ERROR, "a loaded tensor differs from the checkpoint"),
+    "meta-tensors": (ERROR, "adapter parameters left on the meta device"),
+    "no-output-change": (ERROR, "an adapted module's output does not change with the adapter on"),
+    "merge-unchanged": (ERROR, "the merged model equals the base: the adapter was not merged"),
+    "merge-delta-wrong": (ERROR, "a merged weight differs from base + delta beyond dtype rounding"),
+    "merge-extra-change": (ERROR, "a tensor the adapter does not touch differs from the base"),
+    "merge-missing-tensor": (ERROR, "a base tensor is missing from the merged checkpoint"),
+    "weights-untied": (INFO, "tied embeddings were untied because the adapter changes one side"),
+}
+
+
+@dataclass
+class Finding:
+    """One diagnosis: stable code, severity, message, a few example keys, and the exact fix as a hint."""
+
+    code: str
+    message: str
+    keys: list[str] = field(default_factory=list)
+    hint: str | None = None
+    severity: str = ""
+    count: int | None = None  # how many items the finding covers, when more than the keys shown
+
+    def __post_init__(self) -> None:
+        if self.code not in CATALOG:
+            raise ValueError(f"finding code {self.code!r} is not in the catalog")
+        if not self.severity:
+            self.severity = CATALOG[self.code][0]
+        if self.count is None:
+            self.count = len(self.keys)
+        self.keys = list(self.keys)[:5]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "message": self.message,
+                "keys": self.keys, "count": self.count, "hint": self.hint}
+
+
+def sort_findings(findings: list[Finding]) -> list[Finding]:
+    return sorted(findings, key=lambda f: (_ORDER[f.severity], f.code))

@@ -1,0 +1,123 @@
+"""File helpers shared by the reader, fix and merge: safetensors headers without torch, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AdapterFormatError, LorafitError, OutputExistsError
+
+# Bytes per element for each safetensors dtype code; used to check that a header fits its file.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a safetensors header says of one tensor: enough to check shapes with no data read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse a safetensors header (8-byte length + JSON) without importing torch.
+
+    Returns:
+        (tensor infos by key, the `__metadata__` dict).
+    Raises:
+        AdapterFormatError: the file is truncated or its header is not valid.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise AdapterFormatError("truncated or corrupt safetensors file (shorter than its 8-byte header)", path)
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise AdapterFormatError(
+                f"truncated or corrupt safetensors file (header says {n} bytes, file has {size})", path
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterFormatError("corrupt safetensors file (its header is not valid JSON)", path) from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError("corrupt safetensors file (its header is not a JSON object)", path)
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    data_len = size - 8 - n
+    for key, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFormatError(f"corrupt safetensors file (bad header entry for {key!r})", path) from None
+        info = TensorInfo(shape, dtype)
+        if end > data_len or end - start != info.nbytes:
+            raise AdapterFormatError(
+                f"truncated or corrupt safetensors file (tensor {key!r} ends at byte {end}, "
+                f"only {data_len} data bytes present)",
+                path,
+            )
+        infos[key] = info
+    return infos, metadata
+
+
+@contextmanager
+def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `out`; on success it replaces `out` in one rename, on failure it vanishes.
+
+    Raises:
+        OutputExistsError: `out` exists and force is False.
+        LorafitError: the parent of `out` cannot be written.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError("output already exists; pass --force to overwrite it", out)
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as e:
+        raise LorafitError(f"cannot write the output here ({e.strerror})", out) from None
+    try:
+        yield tmp
+        if out.exists():
+            # Move the old one aside first so that no moment exists with neither in place.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write JSON the way PEFT and transformers do (indent 2, sorted keys, trailing newline)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

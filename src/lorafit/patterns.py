@@ -1,0 +1,87 @@
+"""PEFT's rules for which rank and alpha a module gets, and which modules a config targets.
+
+They restate the rules of peft.utils.other.get_pattern_key and
+peft.tuners.tuners_utils.check_target_module_exists as plain functions, so that `align` and
+`diagnose` stay pure and the CLI need not import peft. tests/test_patterns.py checks them
+against PEFT's own functions on generated keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def pattern_key(pattern_keys: Sequence[str], module_path: str) -> str | None:
+    """Return the first pattern key that matches `module_path` as PEFT does (a dotted suffix regex), or None."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return key
+    return None
+
+
+def resolve_rank_alpha(config: Mapping[str, Any], module_path: str) -> tuple[int, float]:
+    """The (r, lora_alpha) PEFT gives the module at `module_path`, after rank_pattern and alpha_pattern."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rk = pattern_key(list(rank_pattern), module_path)
+    ak = pattern_key(list(alpha_pattern), module_path)
+    r = int(rank_pattern[rk]) if rk is not None else int(config.get("r", 8))
+    alpha = float(alpha_pattern[ak]) if ak is not None else float(config.get("lora_alpha", 8))
+    return r, alpha
+
+
+def scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:
+    """LoRA scaling: alpha / r, or alpha / sqrt(r) with use_rslora."""
+    if r <= 0:
+        return 0.0
+    return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+
+
+def _in_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in (config.get("modules_to_save") or []))
+
+
+def _excluded(config: Mapping[str, Any], path: str) -> bool:
+    exclude = config.get("exclude_modules")
+    if not exclude:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, path) is not None
+    return path in exclude or any(path.endswith(f".{e}") for e in exclude)
+
+
+def _layer_index_ok(config: Mapping[str, Any], path: str) -> bool:
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    pattern = config.get("layers_pattern")
+    match = None
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)
+            if match:
+                break
+    if not match:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def is_targeted(config: Mapping[str, Any], path: str) -> bool:
+    """True when PEFT would put a LoRA layer on the module at `path` (target_modules, exclusions, layers)."""
+    if _excluded(config, path) or _in_modules_to_save(config, path):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    if path in targets:
+        return True
+    if not any(path.endswith(f".{t}") for t in targets):
+        return False
+    return _layer_index_ok(config, path)

@@ -1,0 +1,114 @@
+"""Find the target: a local model dir or cached hub id, the class the user will load it with, and its tree.
+
+Offline always: a hub id resolves only through the local HF cache.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LorafitError, ModelNotFoundError, UnknownClassError
+from .tree import TASK_TO_AUTO, ModuleTree, tree_from_module
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A local directory with config.json, or the cached snapshot of a hub id.
+
+    Raises:
+        ModelNotFoundError: neither exists; the message says that nothing is downloaded.
+    """
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFoundError("config.json is missing: this is not a transformers model directory", p)
+        return p
+    if p.exists():
+        raise ModelNotFoundError("is a file; pass the model directory that holds config.json", p)
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(str(model), local_files_only=True))
+        if (snap / "config.json").exists():
+            return snap
+    except Exception:
+        pass
+    raise ModelNotFoundError(
+        "base model not found locally, and lorafit never downloads. Pass a local directory "
+        "(one written by save_pretrained), or fetch it into the HF cache first with `hf download ID`",
+        model,
+    )
+
+
+def load_config(model_dir: Path) -> Any:
+    """The model's transformers config, read offline. Raises LorafitError if transformers cannot read it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:
+        raise LorafitError(f"config.json cannot be read by transformers ({str(e).splitlines()[0][:200]})",
+                           model_dir / "config.json") from None
+
+
+def default_class_name(task_type: str | None) -> str:
+    """The Auto class that an adapter's task_type implies (AutoModel when it names none)."""
+    return TASK_TO_AUTO.get(task_type or "", "AutoModel")
+
+
+def resolve_class(name: str, config: Any) -> type:
+    """Turn a class name (an Auto class or a concrete one) into the concrete class for this config.
+
+    Raises:
+        UnknownClassError: not a transformers model class, or the Auto class has no entry for this model type.
+    """
+    import transformers
+
+    obj = getattr(transformers, name, None) if name.isidentifier() else None
+    if obj is None or not isinstance(obj, type):
+        candidates = [n for n in dir(transformers) if n.startswith(("AutoModel", name[:4]))]
+        close = difflib.get_close_matches(name, candidates, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; use an Auto class such as AutoModelForCausalLM"
+        raise UnknownClassError(f"unknown model class {name!r}{hint}")
+    if name.startswith("AutoModel"):
+        mapping = getattr(obj, "_model_mapping", None)
+        try:
+            return mapping[type(config)] if mapping is not None else obj
+        except KeyError:
+            raise UnknownClassError(
+                f"{name} has no class for model type {config.model_type!r}; pass a concrete class with --class"
+            ) from None
+    from transformers import PreTrainedModel
+
+    if not issubclass(obj, PreTrainedModel):
+        raise UnknownClassError(f"{name!r} is not a transformers model class")
+    return obj
+
+
+def build_meta_model(cls: type, config: Any) -> Any:
+    """Instantiate `cls` on the meta device: every parameter has a shape and no storage."""
+    import torch
+
+    with torch.device("meta"):
+        if hasattr(cls, "_from_config"):
+            return cls._from_config(config)
+        return cls(config)
+
+
+def tree_from_pretrained(model: str | Path, class_name: str | None = None,
+                         task_type: str | None = None) -> ModuleTree:
+    """Build the ModuleTree of `class_name` (default: what task_type implies) for a local or cached model.
+
+    No weight is read. Raises ModelNotFoundError, UnknownClassError, LorafitError.
+    """
+    model_dir = resolve_model_dir(model)
+    config = load_config(model_dir)
+    name = class_name or default_class_name(task_type)
+    cls = resolve_class(name, config)
+    meta = build_meta_model(cls, config)
+    return tree_from_module(meta, source=str(model))
