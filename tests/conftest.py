@@ -1,0 +1,81 @@
+"""Factories for tiny real models (built from configs, never downloaded) and real PEFT adapters."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+
+def tiny_config(family: str, **overrides: Any) -> Any:
+    """A few-kilobyte config of each family the tests cover."""
+    if family == "llama":
+        kw = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
+        kw.update(overrides)
+        return transformers.LlamaConfig(**kw)
+    if family == "gpt2":
+        kw = dict(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=0)
+        kw.update(overrides)
+        return transformers.GPT2Config(**kw)
+    if family == "bert":
+        kw = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=64, num_labels=3)
+        kw.update(overrides)
+        return transformers.BertConfig(**kw)
+    raise ValueError(family)
+
+
+# The head class each family is saved with; AutoModel and the others load from the same directory.
+HEAD_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM",
+              "bert": "AutoModelForSequenceClassification"}
+LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+
+
+def save_base(root: Path, family: str, **overrides: Any) -> Path:
+    """Save a tiny random model of `family` with its head class; returns the directory."""
+    torch.manual_seed(0)
+    out = root / f"{family}-base"
+    model = getattr(transformers, HEAD_CLASS[family]).from_config(tiny_config(family, **overrides))
+    model.save_pretrained(out)
+    return out
+
+
+def load_model(base: Path, class_name: str) -> Any:
+    return getattr(transformers, class_name).from_pretrained(str(base)).eval()
+
+
+def make_adapter(base: Path, class_name: str, out: Path, seed: int = 1, **lora: Any) -> PeftModel:
+    """Create a real PEFT adapter on `class_name` with random (non-zero) lora_B, save it to `out`."""
+    torch.manual_seed(seed)
+    model = load_model(base, class_name)
+    family = "gpt2" if "gpt2" in str(base) else "bert" if "bert" in str(base) else "llama"
+    kwargs: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS[family],
+                              "init_lora_weights": False}
+    if family == "gpt2":
+        kwargs["fan_in_fan_out"] = True
+    kwargs.update(lora)
+    pm = get_peft_model(model, LoraConfig(**kwargs))
+    pm.eval()
+    pm.save_pretrained(out)
+    return pm
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny base model per family, shared by the whole session."""
+    root = tmp_path_factory.mktemp("bases")
+    return {f: save_base(root, f) for f in ("llama", "gpt2", "bert")}
