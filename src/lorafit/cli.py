@@ -42,6 +42,15 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_transformers() -> None:
+    """transformers' load report and progress bar: lorafit's report says what matters."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def _emit(report: Any, as_json: bool, show_modules: bool = False) -> None:
@@ -119,6 +128,7 @@ def verify(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None,
         from .load import verify as verify_loaded
         from .target import default_class_name, load_config, resolve_class, resolve_model_dir
 
+        _quiet_transformers()
         a = read_adapter(adapter)
         model_dir = resolve_model_dir(base)
         cls = resolve_class(class_name or default_class_name(a.task_type), load_config(model_dir))
@@ -130,10 +140,14 @@ def verify(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None,
 
             try:
                 pm = PeftModel.from_pretrained(model, str(a.path))
-            except Exception as e:  # stock PEFT's own failure is the finding here
-                raise LorafitError(f"stock PeftModel.from_pretrained failed: {type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:200]} (run `lorafit check` for the cause)",
-                                   a.path) from None
+            except Exception as e:  # stock PEFT's own failure is the finding here, not a crash
+                from .findings import Finding
+                from .report import Report
+
+                first = (str(e).splitlines() or [""])[0][:200]
+                return Report("verify", adapter={"path": str(a.path)}, findings=[Finding(
+                    "load-failed", f"stock PeftModel.from_pretrained raised {type(e).__name__}: {first}",
+                    hint=f"lorafit check {a.path} --base {base} --class {cls.__name__} names the cause")])
         return verify_loaded(pm, a, probe=probe)
 
     _run(run, as_json)
@@ -143,6 +157,7 @@ def verify(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None,
 def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files in this directory.")] = None) -> None:
     """Train a tiny Llama adapter, break it the usual way, diagnose it and fix it. No download, < 1 min."""
     _quiet_libraries()
+    _quiet_transformers()
     from .demo import run_demo
 
     raise typer.Exit(run_demo(keep))

@@ -37,6 +37,7 @@ CATALOG: dict[str, tuple[str, str]] = {
     "tied-embeddings": (WARNING, "the adapter touches embeddings that the target ties"),
     "fixed": (INFO, "fix wrote an adapter that lands on the target"),
     # verify / merge
+    "load-failed": (ERROR, "stock PEFT raised while loading the adapter"),
     "not-bit-equal": (ERROR, "a loaded tensor differs from the checkpoint"),
     "meta-tensors": (ERROR, "adapter parameters left on the meta device"),
     "no-output-change": (ERROR, "an adapted module's output does not change with the adapter on"),
@@ -74,4 +75,5 @@ class Finding:
 
 
 def sort_findings(findings: list[Finding]) -> list[Finding]:
-    return sorted(findings, key=lambda f: (_ORDER[f.severity], f.code))
+    """Errors first; within a severity, the order the rules produced them (cause before consequence)."""
+    return sorted(findings, key=lambda f: _ORDER[f.severity])

@@ -57,6 +57,17 @@ class Report:
 
 
 _STYLE = {ERROR: "bold red", WARNING: "yellow", INFO: "cyan"}
+_HIDDEN = {"use_rslora", "use_dora", "tensors", "source", "requested_class"}  # in JSON, too much for the table
+
+
+def _short(value: Any) -> str:
+    """Coverage dicts and lists as compact text for the summary table."""
+    if isinstance(value, dict) and "by_module" in value:
+        cells = ", ".join(f"{k} {v}" for k, v in value["by_module"].items())
+        return cells + (f" + {len(value['outside_layers'])} outside layers" if value["outside_layers"] else "")
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def render(report: Report, console: Any = None, show_modules: bool = False) -> None:
@@ -70,7 +81,8 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
     summary.add_column()
     for title, data in (("adapter", report.adapter), ("target", report.target)):
         if data:
-            summary.add_row(title, ", ".join(f"{k}={v}" for k, v in data.items() if v not in (None, "", [], {})))
+            summary.add_row(title, ", ".join(f"{k}={_short(v)}" for k, v in data.items()
+                                             if v not in (None, "", [], {}) and k not in _HIDDEN))
     if report.alignment:
         a = report.alignment
         how = a["rewrite"].get("description", a["rewrite"])
@@ -82,13 +94,15 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
     console.print(summary)
     if show_modules and report.modules:
         _render_modules(report, console)
+    hints_shown: set[str] = set()
     for f in sort_findings(report.findings):
         console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {f.message}", highlight=False)
         for k in f.keys[:3]:
             console.print(f"          e.g. {k}", highlight=False, style="dim")
         if f.count and f.count > min(3, len(f.keys)):
             console.print(f"          (+{f.count - min(3, len(f.keys))} more)", style="dim")
-        if f.hint:
+        if f.hint and f.hint not in hints_shown:
+            hints_shown.add(f.hint)
             console.print(f"          fix: [green]{f.hint}[/]", highlight=False)
     verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/] ({len(report.errors())} error findings)"
     console.print(f"{report.command}: {verdict}")
