@@ -176,16 +176,27 @@ def rule_patterns(adapter: Adapter, m: Mapping_) -> list[Finding]:
                     "rescales the adapter", bad, hint="lorafit fix rewrites the pattern keys")]
 
 
-def rule_modules_to_save_missing(adapter: Adapter, tree: ModuleTree, m: Mapping_) -> list[Finding]:
-    mts = adapter.config.get("modules_to_save") or []
+def wrapped_without_tensors(config: dict, task_type: str | None, tree: ModuleTree, m: Mapping_) -> list[str]:
+    """Target modules PEFT will wrap as modules_to_save (config + task heads) that get no saved tensor.
+
+    PEFT 0.21 then fails in set_peft_model_state_dict with a KeyError on the wrapper's weight.
+    """
+    names = patterns.wrapped_names(config, task_type)
     landed = set(m.tensor_pairs.values())
-    missing = [p for p in tree.modules if any(p == n or p.endswith("." + n) for n in mts)
-               and not any(t == p or t.startswith(p + ".") for t in landed)]
+    wrapped = [p for p in tree.modules if p and patterns.is_wrapped(names, p)]
+    # Only the outermost wrapped module counts: PEFT does not wrap inside a wrapper.
+    outer = [p for p in wrapped if not any(p.startswith(q + ".") for q in wrapped)]
+    return [p for p in outer if not any(t == p or t.startswith(p + ".") for t in landed)]
+
+
+def rule_modules_to_save_missing(adapter: Adapter, tree: ModuleTree, m: Mapping_) -> list[Finding]:
+    missing = wrapped_without_tensors(adapter.config, adapter.task_type, tree, m)
     if not missing:
         return []
-    return [Finding("modules-to-save-missing", f"{tree.class_name} has {', '.join(missing)} listed in "
-                    "modules_to_save, but the checkpoint holds no trained copy: it keeps the model's own weights "
-                    "(randomly initialised for a new head)", missing)]
+    return [Finding("modules-to-save-missing", f"PEFT will wrap {', '.join(missing)} of {tree.class_name} as "
+                    f"modules_to_save (from modules_to_save or task_type {adapter.task_type}), but the checkpoint "
+                    "holds no trained copy: PeftModel.from_pretrained raises KeyError", missing,
+                    hint="lorafit fix sets a task_type that does not wrap a head the adapter never trained")]
 
 
 def rule_task_type(adapter: Adapter, tree: ModuleTree, class_hint: str) -> list[Finding]:

@@ -31,7 +31,7 @@ CATALOG: dict[str, tuple[str, str]] = {
     "embedding-size": (ERROR, "embedding rows disagree with the target's vocabulary"),
     "pattern-mismatch": (ERROR, "rank_pattern / alpha_pattern resolve differently on the target paths"),
     "modules-to-save-absent": (ERROR, "a trained modules_to_save head has no place in the target class"),
-    "modules-to-save-missing": (WARNING, "the target has a modules_to_save module the checkpoint lacks"),
+    "modules-to-save-missing": (ERROR, "PEFT wraps a modules_to_save module the checkpoint lacks (KeyError)"),
     "task-type-incompatible": (ERROR, "task_type needs a class the target is not (PEFT raises AttributeError)"),
     "task-type-mismatch": (WARNING, "task_type names another kind of head than the target class"),
     "tied-embeddings": (WARNING, "the adapter touches embeddings that the target ties"),

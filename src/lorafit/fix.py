@@ -18,6 +18,7 @@ from . import __version__, patterns
 from .adapter import BIN_NAME, CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, Adapter, read_adapter, split_key
 from .align import Mapping_, Rewrite
 from .check import Checked, run_check, run_check_for
+from .diagnose import wrapped_without_tensors
 from .findings import Finding
 from .io import atomic_output_dir, write_json
 from .report import Report
@@ -72,7 +73,11 @@ def fixed_config(checked: Checked, m: Mapping_) -> dict[str, Any]:
     """The adapter config, made consistent with the target class and paths."""
     adapter, tree = checked.adapter, checked.tree
     cfg = dict(adapter.config)
-    cfg["task_type"] = tree.implied_task_type
+    # The target's own task, unless its PEFT wrapper would wrap a head the adapter never trained (KeyError).
+    task = tree.implied_task_type
+    if wrapped_without_tensors(cfg, task, tree, m):
+        task = None
+    cfg["task_type"] = task
     for name in ("rank_pattern", "alpha_pattern"):
         pat = dict(cfg.get(name) or {})
         pat = dict(zip(_rewrite_names(list(pat), m.rewrite), pat.values(), strict=True))

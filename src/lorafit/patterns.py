@@ -39,6 +39,21 @@ def scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:
     return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
 
 
+# Heads that PeftModelFor<Task> adds to modules_to_save by itself (see peft/peft_model.py).
+TASK_HEADS = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+              "QUESTION_ANS": ["qa_outputs"]}
+
+
+def wrapped_names(config: Mapping[str, Any], task_type: str | None) -> list[str]:
+    """modules_to_save as PEFT will apply it: the config's list plus the heads the task's wrapper adds."""
+    return list(config.get("modules_to_save") or []) + TASK_HEADS.get(task_type or "", [])
+
+
+def is_wrapped(names: Sequence[str], path: str) -> bool:
+    """PEFT wraps every module whose path ends with one of the names (a plain suffix, not a dotted one)."""
+    return any(path.endswith(n) for n in names)
+
+
 def _in_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
     return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in (config.get("modules_to_save") or []))
 
