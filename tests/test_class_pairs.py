@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import adapter_tensors, backbone, cli, cli_json, codes, hidden, snapshot
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 
 from conftest import load_model, make_adapter
+from helpers import adapter_tensors, backbone, cli, cli_json, codes, hidden, snapshot
 
 # (family, class trained on, task_type, class loaded with, prefix in the trained layout, prefix in the target)
 PAIRS = [

@@ -19,8 +19,19 @@ def _same_bits(loaded: Any, saved: Any) -> bool:
     """Bit equality after casting the loaded tensor back to the checkpoint's dtype (PEFT may upcast bf16)."""
     import torch
 
+    if loaded.device.type == "meta":
+        return False
     x = loaded.detach().cpu().to(saved.dtype).contiguous()
     return x.shape == saved.shape and torch.equal(x.view(torch.uint8), saved.contiguous().view(torch.uint8))
+
+
+def _problems(findings: list[Finding]) -> list[str]:
+    """One line per finding and one per example key, for AdapterMismatchError's list."""
+    out = []
+    for f in findings:
+        out.append(f"{f.code}: {f.message}")
+        out += [f"    {k}" for k in f.keys]
+    return out
 
 
 def _probe(peft_model: Any, adapter_name: str, paths: list[str]) -> list[str]:
@@ -103,8 +114,12 @@ def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | N
         findings.append(Finding("missing-adapter-weights", f"{len(left_at_init)} adapted modules hold tensors the "
                                 "checkpoint does not have: they kept their init values", left_at_init))
     if unequal:
-        findings.append(Finding("not-bit-equal", f"{len(unequal)} loaded tensors differ from the checkpoint",
-                                unequal))
+        zeros = sum(1 for k in unequal if loaded[k].device.type != "meta" and not loaded[k].any())
+        why = (f"; {zeros} of them are all zero: PEFT left them at init because the checkpoint's paths did not "
+               "match this model" if zeros else "")
+        hint = "lorafit.load_adapter(model, adapter), or lorafit fix" if zeros else None
+        findings.append(Finding("not-bit-equal", f"{len(unequal)} loaded tensors differ from the checkpoint{why}",
+                                unequal, hint=hint))
     if probe:
         dead = _probe(peft_model, name, sorted(mapping.pairs.values()))
         if dead:
@@ -142,8 +157,8 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
     chosen = checked.alignment.chosen
     if checked.alignment.ambiguous or chosen.conflicts or chosen.collisions:
         # PEFT would fail here with a size-mismatch RuntimeError, or lorafit would have to guess.
-        problems = [f"{f.code}: {f.message}" for f in checked.report.errors()
-                    if f.code in ("ambiguous-layout", "shape-mismatch", "embedding-size")]
+        problems = _problems([f for f in checked.report.errors()
+                              if f.code in ("ambiguous-layout", "shape-mismatch", "embedding-size")])
         raise AdapterMismatchError(f"{a.path} does not land on {tree.class_name}", problems, checked.report)
     with tempfile.TemporaryDirectory(prefix="lorafit-load-") as tmp:
         write_fixed(checked, Path(tmp))
@@ -157,7 +172,7 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
     report = verify(peft_model, a, adapter_name=adapter_name)
     peft_model.lorafit_report = report
     if not report.ok:
-        problems = [f"{f.code}: {f.message} e.g. {', '.join(f.keys[:2])}" for f in report.errors()]
+        problems = _problems(report.errors())
         if strict:
             raise AdapterMismatchError(f"{a.path} did not load completely onto {tree.class_name}", problems, report)
         warnings.warn(f"lorafit: {a.path} did not load completely: " + "; ".join(problems), stacklevel=2)
