@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Module trees are cached per run, never in the user's ~/.cache.
+os.environ.setdefault("LORAFIT_CACHE", tempfile.mkdtemp(prefix="lorafit-test-cache-"))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402

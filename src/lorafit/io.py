@@ -29,6 +29,7 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: str
+    offset: int | None = None  # absolute file offset of the data (safetensors only), for raw reads
 
     @property
     def numel(self) -> int:
@@ -75,7 +76,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise AdapterFormatError(f"corrupt safetensors file (bad header entry for {key!r})", path) from None
-        info = TensorInfo(shape, dtype)
+        info = TensorInfo(shape, dtype, 8 + n + start)
         if end > data_len or end - start != info.nbytes:
             raise AdapterFormatError(
                 f"truncated or corrupt safetensors file (tensor {key!r} ends at byte {end}, "
@@ -84,6 +85,22 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             )
         infos[key] = info
     return infos, metadata
+
+
+def hf_hub_cache_dir() -> str:
+    """The HF hub cache directory that the environment names now.
+
+    huggingface_hub reads HF_HUB_CACHE / HF_HOME once, when it is imported; this reads them at call time,
+    with the same precedence: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub.
+    Returns the directory (it need not exist).
+    """
+    env = os.environ
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(name):
+            return os.path.expandvars(os.path.expanduser(env[name]))
+    xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    home = env.get("HF_HOME") or os.path.join(xdg, "huggingface")
+    return os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub")
 
 
 @contextmanager

@@ -106,9 +106,17 @@ def tree_from_pretrained(model: str | Path, class_name: str | None = None,
 
     No weight is read. Raises ModelNotFoundError, UnknownClassError, LorafitError.
     """
+    from . import tree_cache
+
     model_dir = resolve_model_dir(model)
-    config = load_config(model_dir)
     name = class_name or default_class_name(task_type)
+    key = tree_cache.cache_key((model_dir / "config.json").read_bytes(), name)
+    cached = tree_cache.load(key)
+    if cached is not None:
+        cached.source = str(model)
+        return cached
+    config = load_config(model_dir)
     cls = resolve_class(name, config)
-    meta = build_meta_model(cls, config)
-    return tree_from_module(meta, source=str(model))
+    tree = tree_from_module(build_meta_model(cls, config), source=str(model))
+    tree_cache.store(key, tree)
+    return tree

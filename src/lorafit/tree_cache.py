@@ -1,0 +1,71 @@
+"""A cache of ModuleTrees, keyed by config.json bytes, class name and library versions.
+
+Building a tree needs torch and transformers' model code (~6 s of imports on 2 cores), while the tree
+itself depends only on the config, the class and the transformers version. A cached tree makes a
+repeated `lorafit check` import neither. LORAFIT_CACHE moves the cache; LORAFIT_NO_CACHE=1 disables it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from .tree import ModuleInfo, ModuleTree
+
+_SCHEMA = "tree/1"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LORAFIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorafit"
+    return Path(root) / "trees"
+
+
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return "none"
+
+
+def cache_key(config_bytes: bytes, class_name: str) -> str:
+    from . import __version__
+
+    h = hashlib.sha256()
+    for part in (_SCHEMA, __version__, _version("transformers"), class_name):
+        h.update(part.encode() + b"\0")
+    h.update(config_bytes)
+    return h.hexdigest()[:32]
+
+
+def load(key: str) -> ModuleTree | None:
+    """The cached tree for `key`, or None (missing, disabled, or unreadable: then it is rebuilt)."""
+    if os.environ.get("LORAFIT_NO_CACHE"):
+        return None
+    path = _cache_dir() / f"{key}.json"
+    try:
+        data = json.loads(path.read_text())
+        modules = {p: ModuleInfo(m["kind"], m["in_features"], m["out_features"],
+                                 {k: tuple(v) for k, v in m["params"].items()}) for p, m in data.pop("modules").items()}
+        return ModuleTree(modules=modules, **data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store(key: str, tree: ModuleTree) -> None:
+    """Write the tree atomically; a cache that cannot be written is silently skipped."""
+    if os.environ.get("LORAFIT_NO_CACHE"):
+        return
+    d = _cache_dir()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(tree), f)
+        os.replace(tmp, d / f"{key}.json")
+    except OSError:
+        pass

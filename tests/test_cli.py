@@ -1,0 +1,100 @@
+"""The CLI as a user meets it: --help, fast start-up, the JSON schema, the documented catalog."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_adapter
+from helpers import cli, cli_json
+from lorafit.findings import CATALOG
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["inspect", "check", "fix", "verify", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_each_command(command: str) -> None:
+    code, out, _ = cli(command, "--help")
+    assert code == 0
+    assert "Usage:" in out and command in out
+    if command in ("check", "fix"):
+        assert "--class" in out and "--base" in out and "--json" in out
+
+
+def test_usage_error_exits_2() -> None:
+    code, _, _ = cli("check")
+    assert code == 2
+    code, _, _ = cli("no-such-command")
+    assert code == 2
+
+
+def _python(code: str, env: dict[str, str] | None = None) -> str:
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})})
+    return res.stdout.strip()
+
+
+def test_cli_import_is_light() -> None:
+    loaded = _python("import sys, lorafit.cli; print(sorted(m for m in ('torch', 'transformers', 'peft') "
+                     "if m in sys.modules))")
+    assert loaded == "[]"
+
+
+def test_warm_check_imports_no_torch(bases: dict[str, Path], tmp_path: Path) -> None:
+    """The module tree is cached: a repeated check needs neither torch nor transformers."""
+    adapter = tmp_path / "a"
+    make_adapter(bases["llama"], "AutoModelForCausalLM", adapter, task_type="CAUSAL_LM")
+    env = {"LORAFIT_CACHE": str(tmp_path / "cache")}
+    script = (f"import sys; from lorafit.check import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
+              "'AutoModel'); print(r.ok, [f.code for f in r.findings if f.severity == 'error'][:1], "
+              "'torch' in sys.modules)")
+    cold = _python(script, env)
+    warm = _python(script, env)
+    verdict_cold, torch_cold = cold.rsplit(" ", 1)
+    verdict_warm, torch_warm = warm.rsplit(" ", 1)
+    assert verdict_cold == verdict_warm == "False ['layout-mismatch']"
+    assert (torch_cold, torch_warm) == ("True", "False")
+
+
+def test_json_schema_is_stable(bases: dict[str, Path], tmp_path: Path) -> None:
+    adapter = tmp_path / "a"
+    make_adapter(bases["gpt2"], "AutoModelForCausalLM", adapter, task_type="CAUSAL_LM")
+    code, report = cli_json("check", adapter, "--base", bases["gpt2"], "--class", "AutoModel")
+    assert code == 1
+    assert report["schema"] == "lorafit.report/1"
+    assert set(report) >= {"ok", "findings", "counts", "adapter", "target", "alignment", "command"}
+    assert report["ok"] is False and report["counts"]["error"] >= 1
+    for f in report["findings"]:
+        assert set(f) == {"code", "severity", "message", "keys", "count", "hint"}
+        assert f["severity"] in ("error", "warning", "info")
+        assert f["code"] in CATALOG
+    documented = (ROOT / "docs" / "json-schema.md").read_text()
+    for field in ("ok", "findings", "counts", "alignment", "lands_as_is", "rewrite"):
+        assert f"`{field}`" in documented
+
+
+def test_every_finding_code_is_documented() -> None:
+    doc = (ROOT / "docs" / "findings.md").read_text()
+    documented = set(re.findall(r"^### `([a-z0-9-]+)`", doc, flags=re.M))
+    assert documented == set(CATALOG)
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    head = "\n".join((ROOT / "README.md").read_text().splitlines()[:10])
+    assert "make demo" in head and "make test" in head
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_json_is_pure_stdout(bases: dict[str, Path], tmp_path: Path) -> None:
+    adapter = tmp_path / "a"
+    make_adapter(bases["bert"], "AutoModelForSequenceClassification", adapter)
+    code, out, _ = cli("inspect", adapter, "--json")
+    assert code == 0
+    assert json.loads(out)["command"] == "inspect"
