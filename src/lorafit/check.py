@@ -120,7 +120,7 @@ def run_check(adapter: Adapter | str | Path, tree: ModuleTree, class_name: str,
 
     def fix_cmd() -> str:
         cmd = ["lorafit", "fix", str(a.path), "--base", base or "MODEL", "--class", class_name,
-               "-o", f"{a.path.name}-{tree.class_name.lower()}"]
+               "-o", f"{a.path.name}-{class_name.lower()}"]
         for p, r in key_mapping:
             cmd += ["--key-mapping", f"{p}={r}"]
         return shlex.join(cmd)

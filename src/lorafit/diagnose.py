@@ -128,7 +128,7 @@ def rule_coverage(adapter: Adapter, tree: ModuleTree, m: Mapping_, fix_hint: str
     mts_keys = {x.key for x in adapter.extras if x.kind == "modules_to_save"}
     dropped = m.unmatched + [k for k in m.unmatched_tensors if k not in mts_keys]
     if dropped:
-        out.append(Finding("dropped-tensors", f"{_plural(len(dropped), 'adapter module/tensor')} have no module "
+        out.append(Finding("dropped-tensors", f"{_plural(len(dropped), 'adapter module')} have no module "
                            f"of that path in {tree.class_name}; PEFT drops them without a word", dropped,
                            hint=fix_hint))
     if m.missing:
@@ -225,6 +225,23 @@ def rule_tied(adapter: Adapter, tree: ModuleTree, m: Mapping_) -> list[Finding]:
                     "lorafit merge, which unties explicitly")]
 
 
+def _layouts(adapter: Adapter, tree: ModuleTree, src: str, dst: str) -> tuple[str, str]:
+    """Name the saved and the target layout, e.g. 'the AutoModelForCausalLM layout (backbone under model.)'."""
+    from .tree import TASK_TO_AUTO
+
+    prefix = f"{tree.base_model_prefix}." if tree.base_model_prefix else None
+    head = TASK_TO_AUTO.get(adapter.task_type or "")
+    if prefix and src == prefix and not dst:
+        saved = f"a head class{f' ({head})' if head and head != 'AutoModel' else ''} with the backbone under {src!r}"
+        return saved, f"{tree.class_name}, the bare backbone (AutoModel), with no {src!r} prefix"
+    if prefix and dst == prefix and not src:
+        return (f"the bare backbone (AutoModel), with no {dst!r} prefix",
+                f"{tree.class_name}, which holds the backbone under {dst!r}")
+    where = f"paths under {src!r}" if src else "paths without a prefix"
+    there = f"paths under {dst!r}" if dst else "paths without a prefix"
+    return f"a layout with {where}", f"{tree.class_name}, whose {there.replace('paths', 'modules')}"
+
+
 def layout_findings(adapter: Adapter, tree: ModuleTree, al: Alignment,
                     fix_cmd: Callable[[], str]) -> list[Finding]:
     """Coverage judged on what stock PEFT does (as_is), plus what a rewrite could and could not do."""
@@ -239,11 +256,10 @@ def layout_findings(adapter: Adapter, tree: ModuleTree, al: Alignment,
                            [o.rewrite.describe() for o in options],
                            hint="choose one with --key-mapping '^PREFIX=NEWPREFIX'"))
     elif fixable:
-        src = chosen.rewrite.src or "(no prefix)"
-        dst = chosen.rewrite.dst or "(no prefix)"
-        out.append(Finding("layout-mismatch", f"the adapter was saved for a layout with paths under {src!r}; "
-                           f"{tree.class_name} has them under {dst!r}. As saved, {as_is.score} of {al.total} land; "
-                           f"after '{chosen.rewrite.describe()}', {chosen.score} of {al.total} land",
+        saved, target = _layouts(adapter, tree, chosen.rewrite.src, chosen.rewrite.dst)
+        out.append(Finding("layout-mismatch", f"the adapter was saved for {saved}; it is being loaded into "
+                           f"{target}. As saved, {as_is.score} of {al.total} land; after "
+                           f"'{chosen.rewrite.describe()}', {chosen.score} of {al.total} land",
                            [f"{p} -> {chosen.pairs[p]}" for p in list(chosen.pairs)[:3]], hint=hint))
     out += rule_coverage(adapter, tree, as_is, hint)
     out += rule_patterns(adapter, as_is)
