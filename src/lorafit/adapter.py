@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import patterns
 from .align import Entry
 from .errors import AdapterFormatError, AdapterNotFoundError, LorafitError
-from .io import TensorInfo, read_safetensors_header
+from .io import TensorInfo, hf_hub_cache_dir, read_safetensors_header
 from .peft_schema import peft_types
 
 if TYPE_CHECKING:
@@ -160,11 +160,11 @@ def _looks_like_repo_id(spec: str) -> bool:
 
 
 def _from_hf_cache(repo_id: str) -> Path:
-    """Resolve a hub id through the local HF cache only; nothing is downloaded."""
+    """Resolve a hub id through the local HF cache only (as the environment names it now); nothing is downloaded."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hf_hub_cache_dir()))
     except Exception:
         return Path(repo_id)  # reported by the caller as "no such directory"
 
@@ -210,10 +210,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported global"
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal escape codes
+        found = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \d+|WeightsUnpickler error: .+", text)
+        why = found.group(0).strip() if found else "content that is not plain tensors"
         raise AdapterFormatError(
-            f"needs pickle beyond weights_only ({first[:120]}); lorafit will not execute code from a checkpoint. "
-            "Re-save it with safetensors", path) from None
+            f"cannot be read with torch.load(weights_only=True): {why[:160]}. It needs pickle beyond plain "
+            "tensors, or it is corrupt; lorafit will not execute code from a checkpoint. Re-save it with "
+            "safetensors", path) from None
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:120]}"
         raise AdapterFormatError(f"is not a readable torch checkpoint ({why})", path) from None
@@ -245,7 +248,7 @@ def split_key(key: str) -> tuple[str, str | None, str]:
 def _check_ndim(key: str, role: str, info: TensorInfo, weights: Path) -> None:
     nd = len(info.shape)
     ok = {"A": (2, 3, 4, 5), "B": (2, 3, 4, 5), "bias": (1,), "magnitude": (1, 2, 3, 4, 5)}[role]
-    if "embedding" in key:
+    if role in ("A", "B") and ".lora_embedding_" in key:  # an Embedding's DoRA magnitude is 1-D
         ok = (2,)
     if nd not in ok:
         raise AdapterFormatError(

@@ -207,6 +207,19 @@ def candidate_rewrites(entries: Sequence[Entry], tree: ModuleTree) -> list[Rewri
     return out
 
 
+def _extends(rewrite: Rewrite, simpler: Rewrite) -> bool:
+    """True when `rewrite` is `simpler` followed by a rename of a further, non-empty part of the path."""
+    if rewrite.regexes or simpler.regexes:
+        return False
+    return (len(rewrite.src) > len(simpler.src) and len(rewrite.dst) > len(simpler.dst)
+            and rewrite.src.startswith(simpler.src) and rewrite.dst.startswith(simpler.dst))
+
+
+def _found(m: Mapping_) -> int:
+    """How many entries the rewrite sends to a path the tree has, whether or not the shapes agree."""
+    return len(m.pairs) + len(m.tensor_pairs) + len(m.conflicts) + sum(len(p) for p in m.collisions.values())
+
+
 def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] | None = None,
           key_mapping: Sequence[tuple[str, str]] = ()) -> Alignment:
     """Align adapter entries with a module tree.
@@ -224,9 +237,19 @@ def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] 
         chosen = apply_rewrite(entries, tree, Rewrite(regexes=tuple(key_mapping)), config)
         return Alignment(as_is=as_is, chosen=chosen, total=len(entries))
     scored = [as_is] + [apply_rewrite(entries, tree, r, config) for r in candidate_rewrites(entries, tree)[1:]]
+    # A rewrite that is a simpler one plus a further rename ('model.layers.0.' -> 'layers.1.' beside 'strip
+    # model.') is out when the simpler one finds the paths of as many entries: the extra rename is unjustified,
+    # and taking it to dodge a shape conflict would land the adapter on the wrong layer without a word.
+    rejected: list[tuple[Rewrite, int, str]] = []
+    kept = []
+    for m in scored:
+        if any(_extends(m.rewrite, w.rewrite) and _found(w) >= _found(m) for w in scored if w is not m):
+            rejected.append((m.rewrite, m.score, "renames more of the path than a simpler rewrite"))
+        else:
+            kept.append(m)
+    scored = kept
     best = max(m.score for m in scored)
     winners: list[Mapping_] = []
-    rejected: list[tuple[Rewrite, int, str]] = []
     for m in scored:
         if m.score == best and best > 0:
             if not any(w.pairs == m.pairs and w.tensor_pairs == m.tensor_pairs for w in winners):
