@@ -39,13 +39,18 @@ def tiny_config(family: str, **overrides: Any) -> Any:
                   max_position_embeddings=64, num_labels=3)
         kw.update(overrides)
         return transformers.BertConfig(**kw)
+    if family == "opt":  # a decoder nested one level deeper: OPTForCausalLM.model.decoder.layers
+        kw = dict(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=64, word_embed_proj_dim=16, pad_token_id=1)
+        kw.update(overrides)
+        return transformers.OPTConfig(**kw)
     raise ValueError(family)
 
 
 # The head class each family is saved with; AutoModel and the others load from the same directory.
-HEAD_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM",
+HEAD_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "opt": "AutoModelForCausalLM",
               "bert": "AutoModelForSequenceClassification"}
-LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "opt": ["q_proj", "v_proj", "fc2"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
 
 
 def save_base(root: Path, family: str, **overrides: Any) -> Path:
@@ -65,7 +70,7 @@ def make_adapter(base: Path, class_name: str, out: Path, seed: int = 1, **lora: 
     """Create a real PEFT adapter on `class_name` with random (non-zero) lora_B, save it to `out`."""
     torch.manual_seed(seed)
     model = load_model(base, class_name)
-    family = "gpt2" if "gpt2" in str(base) else "bert" if "bert" in str(base) else "llama"
+    family = next(f for f in ("gpt2", "bert", "opt", "llama") if f"{f}-base" in str(base))
     kwargs: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS[family],
                               "init_lora_weights": False}
     if family == "gpt2":
@@ -81,4 +86,4 @@ def make_adapter(base: Path, class_name: str, out: Path, seed: int = 1, **lora: 
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One saved tiny base model per family, shared by the whole session."""
     root = tmp_path_factory.mktemp("bases")
-    return {f: save_base(root, f) for f in ("llama", "gpt2", "bert")}
+    return {f: save_base(root, f) for f in ("llama", "gpt2", "bert", "opt")}

@@ -25,6 +25,8 @@ PAIRS = [
     ("gpt2", "AutoModelForCausalLM", "CAUSAL_LM", "AutoModel", "transformer.", ""),
     ("gpt2", "AutoModel", None, "AutoModelForCausalLM", "", "transformer."),
     ("bert", "AutoModelForSequenceClassification", None, "AutoModel", "bert.", ""),
+    ("opt", "AutoModelForCausalLM", "CAUSAL_LM", "AutoModel", "model.", ""),
+    ("opt", "AutoModel", None, "AutoModelForCausalLM", "", "model."),
     ("bert", "AutoModel", "FEATURE_EXTRACTION", "AutoModelForTokenClassification", "", "bert."),
 ]
 IDS = torch.tensor([[1, 5, 9, 13, 2, 7]])

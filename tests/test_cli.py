@@ -52,7 +52,7 @@ def test_warm_check_imports_no_torch(bases: dict[str, Path], tmp_path: Path) -> 
     adapter = tmp_path / "a"
     make_adapter(bases["llama"], "AutoModelForCausalLM", adapter, task_type="CAUSAL_LM")
     env = {"LORAFIT_CACHE": str(tmp_path / "cache")}
-    script = (f"import sys; from lorafit.check import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
+    script = (f"import sys; from lorafit.checker import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
               "'AutoModel'); print(r.ok, [f.code for f in r.findings if f.severity == 'error'][:1], "
               "'torch' in sys.modules)")
     cold = _python(script, env)
@@ -98,3 +98,10 @@ def test_json_is_pure_stdout(bases: dict[str, Path], tmp_path: Path) -> None:
     code, out, _ = cli("inspect", adapter, "--json")
     assert code == 0
     assert json.loads(out)["command"] == "inspect"
+
+
+def test_api_names_survive_submodule_imports() -> None:
+    """A submodule named like an API function would replace it on import (lorafit.fix -> module)."""
+    out = _python("import lorafit, lorafit.load, lorafit.checker, lorafit.fixer, lorafit.cli; "
+                  "print(all(callable(getattr(lorafit, n)) for n in lorafit.__all__ if n != '__version__'))")
+    assert out == "True"

@@ -17,23 +17,23 @@ __all__ = ["inspect", "check", "fix", "load_adapter", "verify", "merge", "verify
 
 
 def inspect(adapter: Any, read_tensors: bool = True) -> Report:
-    """See lorafit.check.inspect."""
-    from .check import inspect as _inspect
+    """See lorafit.checker.inspect."""
+    from .checker import inspect as _inspect
 
     return _inspect(adapter, read_tensors=read_tensors)
 
 
 def check(adapter: Any, base: Any, class_name: str | None = None, key_mapping: Any = None) -> Report:
-    """See lorafit.check.check."""
-    from .check import check as _check
+    """See lorafit.checker.check."""
+    from .checker import check as _check
 
     return _check(adapter, base, class_name, key_mapping)
 
 
 def fix(adapter: Any, base: Any, out: Any, class_name: str | None = None, key_mapping: Any = None,
         force: bool = False) -> Report:
-    """See lorafit.fix.fix."""
-    from .fix import fix as _fix
+    """See lorafit.fixer.fix."""
+    from .fixer import fix as _fix
 
     return _fix(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force)
 

@@ -82,7 +82,7 @@ def inspect(adapter: AdapterArg, as_json: JsonOpt = False,
             modules: Annotated[bool, typer.Option("--modules/--no-modules",
                                                   help="Show the per-module table.")] = True) -> None:
     """What an adapter holds, and whether it is healthy (rank, alpha, scaling, coverage, zeros, NaN)."""
-    from .check import inspect as run
+    from .checker import inspect as run
 
     _run(lambda: run(adapter), as_json, show_modules=modules)
 
@@ -91,7 +91,7 @@ def inspect(adapter: AdapterArg, as_json: JsonOpt = False,
 def check(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None, key_mapping: MapOpt = None,
           as_json: JsonOpt = False) -> None:
     """Will ADAPTER land on BASE loaded with --class? Reads config and headers, no model weights."""
-    from .check import check as run
+    from .checker import check as run
 
     _run(lambda: run(adapter, base, class_name, key_mapping), as_json)
 
@@ -107,7 +107,7 @@ def fix(adapter: AdapterArg, base: BaseOpt,
     Tensors are copied bit for bit under remapped keys; the input is never modified; OUT appears only
     when complete. If the adapter cannot be made to land, nothing is written and the exit code is 1.
     """
-    from .fix import fix as run
+    from .fixer import fix as run
 
     _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force), as_json)
 

@@ -75,7 +75,7 @@ def run_demo(keep: Path | None = None) -> int:
     from peft import PeftModel
     from transformers import AutoModel
 
-    from .fix import fix
+    from .fixer import fix
     from .report import render
 
     console = Console()
@@ -116,7 +116,7 @@ def run_demo(keep: Path | None = None) -> int:
         ok &= same
 
         console.print(Rule(f"3. $ lorafit check {adapter_dir.name} --base {base_dir.name} --class AutoModel"))
-        from .check import check
+        from .checker import check
 
         render(check(adapter_dir, base_dir, "AutoModel"), console)
         console.print(Rule(f"$ lorafit fix {adapter_dir.name} --base {base_dir.name} --class AutoModel "

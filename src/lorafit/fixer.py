@@ -17,7 +17,7 @@ from typing import Any
 from . import __version__, patterns
 from .adapter import BIN_NAME, CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, Adapter, read_adapter, split_key
 from .align import Mapping_, Rewrite
-from .check import Checked, run_check, run_check_for
+from .checker import Checked, run_check, run_check_for
 from .diagnose import wrapped_without_tensors
 from .findings import Finding
 from .io import atomic_output_dir, write_json

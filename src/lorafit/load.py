@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter, ensure_adapter, split_key
-from .check import run_check
+from .checker import run_check
 from .errors import AdapterMismatchError
 from .findings import Finding
-from .fix import remap_keys, write_fixed
+from .fixer import remap_keys, write_fixed
 from .report import Report
 from .tree import tree_from_module
 
