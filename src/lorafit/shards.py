@@ -1,0 +1,346 @@
+"""Stream safetensors checkpoints tensor by tensor: read with pread, write with pwrite, copy in the kernel.
+
+Nothing here maps a file into memory. A tensor is read with `os.preadv` into a buffer of its own size,
+so resident memory is that buffer and never the page cache of the shard; an untouched tensor goes
+from input shard to output shard with `os.copy_file_range` and never enters the process at all.
+Every output offset is known before a byte is written (a safetensors header lists them), so worker
+threads write their tensors into place concurrently with `os.pwrite`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import LorafitError
+from .io import DTYPE_SIZES, read_safetensors_header
+
+if TYPE_CHECKING:
+    import torch
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# safetensors dtype code -> torch dtype name.
+TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+CODES = {v: k for k, v in TORCH_NAMES.items()}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+_CHUNK = 16 << 20  # bytes per copy or compare step: bounds memory for tensors of any size
+_MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code. Raises LorafitError for a code torch cannot hold."""
+    import torch
+
+    dt = getattr(torch, TORCH_NAMES.get(code, ""), None)
+    if dt is None:
+        raise LorafitError(f"safetensors dtype {code} is not supported by this torch")
+    return dt
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lives: file, absolute byte offset of its data, size, dtype code and shape."""
+
+    key: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(absolute start of the data section, key -> (start, end) relative to it). The header is validated first."""
+    read_safetensors_header(path)  # raises on a truncated or corrupt file, naming it
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, {k: (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for k, v in header.items()}
+
+
+class Checkpoint:
+    """A safetensors checkpoint (one file or an index with shards), read one tensor at a time.
+
+    File descriptors are opened on first use and shared by threads: pread/pwrite take explicit
+    offsets, so no seek position is shared. Use as a context manager, or call close().
+    """
+
+    def __init__(self, root: Path, tensors: dict[str, Stored], index: Path | None) -> None:
+        self.root = root
+        self.tensors = tensors
+        self.index = index
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, root: Path) -> Checkpoint:
+        """Read the index (if any) and every shard header; nothing else.
+
+        Raises:
+            LorafitError: no safetensors weights, an index naming a missing shard or a key its shard lacks,
+                a truncated or corrupt shard. The message names the file.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise LorafitError("is not a directory holding a safetensors checkpoint", root)
+        index: Path | None = root / INDEX_NAME
+        files: dict[str, list[str]] = {}
+        if index is not None and index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise LorafitError("is not a valid safetensors index (no weight_map object)", index) from None
+            for key, fname in weight_map.items():
+                files.setdefault(str(fname), []).append(key)
+        elif (root / SINGLE_NAME).exists():
+            index, files[SINGLE_NAME] = None, []
+        else:
+            found = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".safetensors"))
+            what = f" (found {', '.join(found[:3])})" if found else ""
+            raise LorafitError(f"no {SINGLE_NAME} or {INDEX_NAME}{what}: lorafit streams safetensors checkpoints "
+                               "only; re-save the model with save_pretrained(safe_serialization=True)", root)
+        tensors: dict[str, Stored] = {}
+        for fname in sorted(files):
+            path = root / fname
+            if not path.is_file():
+                raise LorafitError(f"shard named by {INDEX_NAME} is missing", path)
+            infos, _ = read_safetensors_header(path)
+            start, offsets = _data_offsets(path)
+            wanted = files[fname] or sorted(offsets)
+            missing = [k for k in wanted if k not in offsets]
+            if missing:
+                raise LorafitError(f"{INDEX_NAME} places {missing[0]!r} in this shard, which does not hold it", path)
+            for key in sorted(wanted, key=lambda k: offsets[k][0]):
+                s, e = offsets[key]
+                info = infos[key]
+                tensors[key] = Stored(key, path, info.dtype, info.shape, start + s, e - s)
+        return cls(root, tensors, index)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                try:
+                    self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise LorafitError(f"cannot be opened ({e.strerror})", path) from None
+            return self._fds[path]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor's data in a buffer of its own (writable, not shared with the file).
+
+        Raises:
+            LorafitError: the shard changed or shrank since its header was read.
+        """
+        import torch
+
+        st = self.tensors[key]
+        dtype = torch_dtype(st.dtype)
+        if st.nbytes == 0:
+            return torch.empty(st.shape, dtype=dtype)
+        buf = bytearray(st.nbytes)
+        read_into(self.fd(st.path), memoryview(buf), st.offset, st.path)
+        return torch.frombuffer(buf, dtype=dtype).reshape(st.shape)
+
+    def read_range(self, key: str, start: int, nbytes: int) -> bytearray:
+        """`nbytes` bytes of the tensor's data from byte `start` on (clipped to its end)."""
+        st = self.tensors[key]
+        buf = bytearray(max(0, min(nbytes, st.nbytes - start)))
+        read_into(self.fd(st.path), memoryview(buf), st.offset + start, st.path)
+        return buf
+
+    def chunks(self, key: str, size: int = _CHUNK) -> Iterator[bytearray]:
+        """The tensor's raw bytes in pieces of at most `size` bytes (copies and comparisons of any size)."""
+        for start in range(0, self.tensors[key].nbytes, size):
+            yield self.read_range(key, start, size)
+
+
+def read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill `view` from `fd` at `offset`. Raises LorafitError if the file ends first."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + _MAX_IO]], offset + done)
+        if n == 0:
+            raise LorafitError("ends before the tensor data its header promises (truncated while reading?)", path)
+        done += n
+
+
+def write_from(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of `view` to `fd` at `offset` (pwrite may write less than asked)."""
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + _MAX_IO], offset + done)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes in row-major order, without a copy when it is contiguous (bf16 included)."""
+    import torch
+
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    data: Any = t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(data)
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, '500MB', '100KB', or a plain number of bytes.
+
+    Raises:
+        LorafitError: not a size.
+    """
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise LorafitError(f"--max-shard-size {size!r} is not a size such as 5GB, 500MB or 2GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise LorafitError(f"--max-shard-size {size!r} must be positive")
+    return value
+
+
+@dataclass
+class OutShard:
+    """One output file: its name, header bytes, and each tensor's absolute offset."""
+
+    name: str
+    entries: list[tuple[str, str, tuple[int, ...]]]  # (key, dtype code, shape) in file order
+    offsets: dict[str, int] = field(default_factory=dict)
+    header: bytes = b""
+    size: int = 0
+
+
+def _nbytes(code: str, shape: Sequence[int]) -> int:
+    n = DTYPE_SIZES[code]
+    for d in shape:
+        n *= d
+    return n
+
+
+def layout_shards(entries: Sequence[tuple[str, str, tuple[int, ...]]], max_bytes: int,
+                  metadata: dict[str, str]) -> list[OutShard]:
+    """Split (key, dtype, shape) entries into files of at most `max_bytes` of data, like save_pretrained.
+
+    A tensor larger than max_bytes gets a file of its own. One file is named model.safetensors,
+    several model-0000i-of-0000n.safetensors.
+    """
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for e in entries:
+        n = _nbytes(e[1], e[2])
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += n
+    total = len(groups)
+    shards = []
+    for i, group in enumerate(groups, 1):
+        name = SINGLE_NAME if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+        shard = OutShard(name, group)
+        header: dict[str, Any] = {"__metadata__": metadata}
+        pos = 0
+        for key, code, shape in group:
+            n = _nbytes(code, shape)
+            header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
+            shard.offsets[key] = pos
+            pos += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        shard.header = struct.pack("<Q", len(raw)) + raw
+        shard.offsets = {k: v + len(shard.header) for k, v in shard.offsets.items()}
+        shard.size = len(shard.header) + pos
+        shards.append(shard)
+    return shards
+
+
+def write_index(out_dir: Path, shards: Sequence[OutShard]) -> None:
+    """Write model.safetensors.index.json when there is more than one shard."""
+    if len(shards) < 2:
+        return
+    total = sum(s.size - len(s.header) for s in shards)
+    weight_map = {key: s.name for s in shards for key, _, _ in s.entries}
+    (out_dir / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2, sort_keys=True) + "\n")
+
+
+class ShardWriter:
+    """Output files with their headers written and their full size reserved; tensors are then written into place."""
+
+    def __init__(self, out_dir: Path, shards: Sequence[OutShard]) -> None:
+        self.where: dict[str, tuple[int, int, Path]] = {}  # key -> (fd, offset, path)
+        self._fds: list[int] = []
+        try:
+            for s in shards:
+                path = out_dir / s.name
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                write_from(fd, memoryview(s.header), 0)
+                os.ftruncate(fd, s.size)
+                for key in s.offsets:
+                    self.where[key] = (fd, s.offsets[key], path)
+        except OSError as e:
+            self.close()
+            raise LorafitError(f"cannot write the output ({e.strerror})", out_dir) from None
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    def write(self, key: str, data: memoryview, at: int = 0) -> None:
+        """Write bytes of tensor `key`, starting `at` bytes into its slot."""
+        fd, offset, path = self.where[key]
+        try:
+            write_from(fd, data, offset + at)
+        except OSError as e:
+            raise LorafitError(f"cannot write {key!r} ({e.strerror})", path) from None
+
+    def copy(self, key: str, src: Checkpoint, src_key: str) -> None:
+        """Copy a stored tensor's bytes unchanged, inside the kernel when the filesystem allows it."""
+        st = src.tensors[src_key]
+        fd, offset, path = self.where[key]
+        done = 0
+        try:
+            while done < st.nbytes:
+                n = os.copy_file_range(src.fd(st.path), fd, min(_MAX_IO, st.nbytes - done),
+                                       st.offset + done, offset + done)
+                if n == 0:
+                    raise LorafitError("ends before the tensor data its header promises", st.path)
+                done += n
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise LorafitError(f"cannot write {key!r} ({e.strerror})", path) from None
+        for start in range(done, st.nbytes, _CHUNK):  # from where the kernel copy stopped
+            self.write(key, memoryview(src.read_range(src_key, start, _CHUNK)), start)
