@@ -163,6 +163,50 @@ def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files i
     raise typer.Exit(run_demo(keep))
 
 
+@app.command()
+def merge(adapter: AdapterArg, base: BaseOpt,
+          out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the merged model to.")],
+          class_name: Annotated[str | None, typer.Option(
+              "--class", "-c", help="The class the adapter is aligned against. Default: the class the base "
+              "checkpoint was saved with (config.json architectures).")] = None,
+          key_mapping: MapOpt = None,
+          dtype: Annotated[str | None, typer.Option("--dtype", help="Cast the base first, as from_pretrained(dtype=D) "
+                                                    "would: float32, float16, bfloat16. Default: keep it.")] = None,
+          safe_merge: Annotated[bool, typer.Option("--safe-merge", help="Follow merge_and_unload(safe_merge=True): "
+                                                   "round ΔW to the weight dtype first, refuse NaN.")] = False,
+          max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB, "
+                                                      "2GiB, 500MB.")] = "5GB",
+          workers: Annotated[int, typer.Option("--workers", min=1, help="Tensors merged at once (threads); "
+                                               "memory grows with each.")] = 2,
+          force: Annotated[bool, typer.Option("--force", help="Merge even when check reports errors; overwrite "
+                                              "OUT.")] = False,
+          as_json: JsonOpt = False) -> None:
+    """Merge ADAPTER into BASE and write a full model to OUT, bit-identical to PEFT's merge_and_unload().
+
+    Streams the base tensor by tensor (memory: about one tensor per worker plus the adapter). Refuses, with
+    exit code 1, when check finds an error; OUT appears only when complete.
+    """
+    from .merge import merge as run
+
+    progress = not as_json and sys.stderr.isatty()
+    _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
+                     safe_merge=safe_merge, max_shard_size=max_shard_size, force=force, workers=workers,
+                     progress=progress), as_json)
+
+
+@app.command("verify-merge")
+def verify_merge(merged: Annotated[str, typer.Argument(help="Directory of the merged safetensors checkpoint.")],
+                 base: BaseOpt,
+                 adapter: Annotated[str, typer.Option("--adapter", "-a", help="The adapter that was merged.")],
+                 class_name: Annotated[str | None, typer.Option(
+                     "--class", "-c", help="As for merge: default, the class the base was saved with.")] = None,
+                 key_mapping: MapOpt = None, as_json: JsonOpt = False) -> None:
+    """Prove MERGED == BASE + ADAPTER: adapted weights within dtype rounding, every other tensor bit-identical."""
+    from .verify_merge import verify_merge as run
+
+    _run(lambda: run(merged, base, adapter, class_name=class_name, key_mapping=key_mapping), as_json)
+
+
 def main() -> None:
     """Entry point; usage errors exit 2 (click's convention), everything else as documented above."""
     app()

@@ -46,6 +46,7 @@ CATALOG: dict[str, tuple[str, str]] = {
     "merge-extra-change": (ERROR, "a tensor the adapter does not touch differs from the base"),
     "merge-missing-tensor": (ERROR, "a base tensor is missing from the merged checkpoint"),
     "weights-untied": (INFO, "tied embeddings were untied because the adapter changes one side"),
+    "merged": (INFO, "merge wrote the base checkpoint with the adapter merged in"),
 }
 
 

@@ -1,0 +1,310 @@
+"""merge: stream the base checkpoint tensor by tensor, merge the adapter in with PEFT's arithmetic, write shards.
+
+Check first (refuse on an error finding unless forced), plan from the Alignment (so an adapter saved for
+another class layout still lands on the right weights), then a few worker threads each read one tensor,
+merge it and write it into its place in the output. Untouched tensors are copied inside the kernel.
+Peak memory is the process plus, per worker, one tensor and its fp32 delta, plus the adapter.
+Threads rather than processes: torch and the file calls release the GIL, and threads share the
+imported libraries and the adapter instead of holding a copy each.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .adapter import Adapter
+from .checker import Checked, alignment_summary
+from .diagnose import rule_coverage
+from .errors import LorafitError, OutputExistsError
+from .findings import Finding
+from .io import atomic_output_dir, write_json
+from .merge_math import apply_delta, lora_dtype
+from .merge_plan import MergePlan, TensorPlan, build_plan, check_for_merge
+from .report import Report
+from .shards import (
+    CODES,
+    FLOAT_CODES,
+    Checkpoint,
+    ShardWriter,
+    layout_shards,
+    parse_size,
+    tensor_bytes,
+    torch_dtype,
+    write_index,
+)
+from .target import resolve_model_dir
+
+if TYPE_CHECKING:
+    import torch
+
+# Findings that judge what stock PEFT would do when loading; merge lands the adapter itself through the
+# chosen rewrite, so these are judged again on that mapping (rule_coverage) or do not apply.
+MENDED_BY_MERGE = {
+    "layout-mismatch", "dropped-tensors", "missing-adapter-weights", "modules-to-save-absent", "shape-mismatch",
+    "embedding-size", "pattern-mismatch", "task-type-incompatible", "task-type-mismatch", "tied-embeddings",
+}
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
+           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
+# Files of the base that hold weights (or are indexes of them): never copied into the merged model.
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|.*\.index\.json$")
+
+
+def parse_dtype(name: str | None) -> str | None:
+    """'bf16' -> 'bfloat16' and so on; None keeps the base dtype. Raises LorafitError for anything else."""
+    if name is None:
+        return None
+    key = name.lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise LorafitError(f"--dtype {name!r} is not one of float32, float16, bfloat16, float64")
+    return _DTYPES[key]
+
+
+def merge_findings(checked: Checked) -> list[Finding]:
+    """check's findings as they bear on a merge: coverage judged on the mapping merge uses, not on stock PEFT's."""
+    findings = [f for f in checked.report.findings if f.code not in MENDED_BY_MERGE]
+    findings += rule_coverage(checked.adapter, checked.tree, checked.alignment.chosen, None)
+    return findings
+
+
+def out_code(stored_code: str, out_dtype: str | None) -> str:
+    """The output dtype code of a tensor: --dtype applies to floating tensors only, as in from_pretrained(dtype=)."""
+    return CODES[out_dtype] if out_dtype and stored_code in FLOAT_CODES else stored_code
+
+
+def lora_tensors(plan: MergePlan, adapter: Adapter, ckpt: Checkpoint,
+                 out_dtype: str | None) -> dict[str, torch.Tensor]:
+    """Every adapter tensor the plan reads, read once and cast to the dtype PEFT would hold it in."""
+    cache: dict[str, torch.Tensor] = {}
+    for tp in plan.changes.values():
+        dtype = torch_dtype(out_code(ckpt.tensors[tp.source].dtype, out_dtype))
+        for d in tp.deltas:
+            for key in d.keys.values():
+                if key not in cache:
+                    cache[key] = adapter.tensor(key).to(lora_dtype(dtype))
+    return cache
+
+
+def compute(tp: TensorPlan, ckpt: Checkpoint, adapter: Adapter, lora: dict[str, torch.Tensor],
+            out_dtype: str | None, safe: bool) -> torch.Tensor:
+    """The merged value of one planned tensor.
+
+    Raises:
+        LorafitError: the weight is not a float (quantized), or a safe merge produced NaN or Inf.
+    """
+    import torch
+
+    st = ckpt.tensors[tp.source]
+    code = out_code(st.dtype, out_dtype)
+    if code not in FLOAT_CODES:
+        raise LorafitError(f"cannot merge into {tp.name}: it is stored as {st.dtype} (quantized?); merge needs "
+                           "a float checkpoint", st.path)
+    dtype = torch_dtype(code)
+    if tp.replace is not None:
+        w = adapter.tensor(tp.replace).to(dtype, copy=True)  # PEFT copies the saved values into a param of this dtype
+    else:
+        w = ckpt.read(tp.source).to(dtype)
+    for d in tp.deltas:
+        w = apply_delta(w, d, lora.__getitem__, safe)
+    if safe and not bool(torch.isfinite(w).all()):
+        raise LorafitError(f"NaN or Inf in the merged {tp.name}; the adapter is broken (safe merge refuses it)",
+                           adapter.path)
+    return w
+
+
+class _Progress:
+    """Bytes written, with a rich progress bar (bytes/s) on stderr when asked for."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self._lock = threading.Lock()
+        self._bar: Any = None
+        if show:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._bar = Progress(TextColumn("merging"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            self._task = self._bar.add_task("merge", total=total)
+            self._bar.start()
+
+    def add(self, n: int) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.advance(self._task, n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _cast_copy(writer: ShardWriter, name: str, ckpt: Checkpoint, src: str, code: str) -> None:
+    """Copy a tensor the adapter does not touch, cast piece by piece (an elementwise cast is exact to split)."""
+    import torch
+
+    st = ckpt.tensors[src]
+    in_dt, out_dt = torch_dtype(st.dtype), torch_dtype(code)
+    pos = 0
+    for raw in ckpt.chunks(src):
+        piece = torch.frombuffer(raw, dtype=in_dt).to(out_dt)
+        data = tensor_bytes(piece)
+        writer.write(name, data, pos)
+        pos += len(data)
+
+
+def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWriter, codes: dict[str, str],
+            out_dtype: str | None, safe: bool, workers: int, on_bytes: Callable[[int], None]) -> None:
+    """Write every tensor of the plan with `workers` threads; the first error stops the rest and is raised."""
+    lora = lora_tensors(plan, adapter, ckpt, out_dtype)
+
+    def job(name: str) -> None:
+        src = plan.sources[name]
+        st = ckpt.tensors[src]
+        if name in plan.changes:
+            data = tensor_bytes(compute(plan.changes[name], ckpt, adapter, lora, out_dtype, safe))
+            writer.write(name, data)
+            on_bytes(len(data))
+        elif codes[name] == st.dtype:
+            writer.copy(name, ckpt, src)
+            on_bytes(st.nbytes)
+        else:
+            _cast_copy(writer, name, ckpt, src, codes[name])
+            on_bytes(st.nbytes)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lorafit-merge") as pool:
+        futures = [pool.submit(job, name) for name in plan.order]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                for g in futures:
+                    g.cancel()
+                raise f.exception()  # type: ignore[misc]
+
+
+def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: str | None) -> list[str]:
+    """Copy config, generation config, tokenizer and every other non-weight file of the base; returns their names.
+
+    config.json is rewritten only when the merge changes what it must say (untied embeddings, --dtype).
+    Sub-directories are not copied: they hold other formats of the weights (e.g. original/*.pth).
+    """
+    copied = []
+    for f in sorted(model_dir.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or _WEIGHT_FILE.fullmatch(f.name):
+            continue
+        if f.name == "config.json" and (untied or out_dtype):
+            config = json.loads(f.read_text())
+            if untied:
+                config["tie_word_embeddings"] = False
+                if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+                    config["text_config"]["tie_word_embeddings"] = False
+            if out_dtype:
+                for k in ("dtype", "torch_dtype"):
+                    if k in config or k == "dtype":
+                        config[k] = out_dtype
+            write_json(out_dir / f.name, config)
+        else:
+            shutil.copy2(f, out_dir / f.name)
+        copied.append(f.name)
+    return copied
+
+
+def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, class_name: str | None = None,
+          key_mapping: Sequence[str] | dict[str, str] | None = None, dtype: str | None = None,
+          safe_merge: bool = False, max_shard_size: str | int = "5GB", force: bool = False, workers: int = 2,
+          progress: bool = False) -> Report:
+    """Merge `adapter` into the base checkpoint and write a full model to `out`, bit-identical to PEFT's merge.
+
+    Args:
+        adapter: adapter dir, cached hub id, or Adapter.
+        base: a local model dir (safetensors, one file or sharded) or a hub id in the local cache.
+        out: the output directory; it appears only when complete.
+        class_name: the class the adapter is aligned against; default: the class the checkpoint was saved with.
+        key_mapping: user regex rewrites of module paths, as for check.
+        dtype: cast floating tensors first, as from_pretrained(dtype=...) would (default: keep the base dtype).
+        safe_merge: follow merge_and_unload(safe_merge=True): ΔW rounded to the weight dtype first, NaN refused.
+        max_shard_size: largest output shard ("5GB", "2GiB", bytes).
+        force: merge even when check reports errors, and overwrite `out`.
+        workers: threads merging tensors at once (memory grows with each).
+        progress: show a progress bar on stderr.
+    Returns:
+        the Report (command "merge"). With an error finding and no force, nothing is written.
+    Raises:
+        LorafitError: unreadable adapter or base, a missing or truncated shard, `out` exists or cannot be written.
+    """
+    out = Path(out)
+    out_dtype = parse_dtype(dtype)
+    max_bytes = parse_size(max_shard_size)
+    if out.exists() and not force:
+        raise OutputExistsError("output already exists; pass --force to overwrite it", out)
+    model_dir = resolve_model_dir(base)
+    t0 = time.perf_counter()
+    with Checkpoint.open(model_dir) as ckpt:
+        checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
+        report = Report("merge", adapter=checked.report.adapter, target=checked.report.target,
+                        alignment=alignment_summary(checked.alignment), findings=merge_findings(checked))
+        if not report.ok and not force:
+            report.result = {"written": False, "out": str(out)}
+            return report
+        plan = build_plan(checked.adapter, checked.tree, checked.alignment.chosen, list(ckpt.tensors), model_dir)
+        codes = {n: out_code(ckpt.tensors[plan.sources[n]].dtype, out_dtype) for n in plan.order}
+        entries = [(n, codes[n], ckpt.tensors[plan.sources[n]].shape) for n in plan.order]
+        metadata = {"format": "pt", "lorafit.version": __version__, "lorafit.adapter": str(checked.adapter.path),
+                    "lorafit.safe_merge": str(safe_merge)}
+        shards = layout_shards(entries, max_bytes, metadata)
+        total = sum(s.size for s in shards)
+        bar = _Progress(total, progress)
+        try:
+            with atomic_output_dir(out, force=force) as tmp:
+                writer = ShardWriter(tmp, shards)
+                try:
+                    execute(plan, ckpt, checked.adapter, writer, codes, out_dtype, safe_merge, workers, bar.add)
+                finally:
+                    writer.close()
+                write_index(tmp, shards)
+                try:
+                    copied = copy_support_files(model_dir, tmp, bool(plan.untied), out_dtype)
+                except OSError as e:
+                    raise LorafitError(f"cannot copy the base's files ({e.strerror})", out) from None
+        finally:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    _report_result(report, plan, checked, out, shards, total, seconds, out_dtype, safe_merge, copied, workers)
+    return report
+
+
+def _report_result(report: Report, plan: MergePlan, checked: Checked, out: Path, shards: Sequence[Any], total: int,
+                   seconds: float, out_dtype: str | None, safe: bool, copied: list[str], workers: int) -> None:
+    rewrite = checked.alignment.chosen.rewrite.describe()
+    report.result = {
+        "written": True, "out": str(out), "shards": len(shards), "tensors": len(plan.order),
+        "tensors_changed": len(plan.changes), "modules_merged": len(plan.modules), "bytes": total,
+        "seconds": round(seconds, 3), "bytes_per_s": int(total / seconds) if seconds > 0 else None,
+        "dtype": out_dtype or "as base", "safe_merge": safe, "rewrite": rewrite, "workers": workers,
+        "files_copied": copied,
+    }
+    report.modules = [{"path": tp.name, "modules": [d.module + (".bias" if d.role == "bias" else "")
+                                                    for d in tp.deltas],
+                       "replaced_by": tp.replace, "dora": any(d.dora for d in tp.deltas)}
+                      for tp in plan.changes.values()]
+    how = "as saved" if rewrite == "as saved" else f"after '{rewrite}'"
+    report.findings.append(Finding("merged", f"wrote {out}: {len(plan.modules)} LoRA modules merged into "
+                                   f"{len(plan.changes)} tensors ({how})" +
+                                   (", tied embeddings changed together as in PEFT" if plan.tied_shared else "")))
+    if plan.untied:
+        report.findings.append(Finding(
+            "weights-untied", "a modules_to_save copy replaces one side of the tied embeddings, so both are written "
+            "and config.json says tie_word_embeddings=false (as PEFT's merge_and_unload does)", plan.untied))

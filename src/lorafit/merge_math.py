@@ -1,0 +1,97 @@
+"""How one LoRA module changes one base tensor, in the exact arithmetic of PEFT's merge_and_unload().
+
+Bit-exactness comes from doing the same torch operations, in the same order, on the same dtypes and
+memory layouts as PEFT's LoRA layers do (peft/tuners/lora/layer.py and variants.py):
+
+- PeftModel.from_pretrained upcasts fp16/bf16 adapter weights to fp32 (autocast_adapter_dtype=True),
+  so A, B, the DoRA magnitude and the lora_B bias are used in fp32 (or the base dtype if wider).
+- ΔW = transpose(B @ A, fan_in_fan_out) * scaling; an embedding's ΔW = (B @ A).T * scaling.
+- The default ("unsafe") merge of a Linear/Conv1D adds the fp32 ΔW into the low-precision weight in
+  place (one rounding); safe_merge and every Embedding merge cast ΔW to the weight's dtype first.
+- DoRA: W' = m / ||W + ΔW||_c * (W + ΔW), the norm taken along the same axis PEFT takes it.
+
+tests/test_merge.py compares every case against PEFT itself: if a PEFT release changes its arithmetic,
+a test fails rather than a merge silently drifting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import LorafitError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .merge_plan import Delta
+
+
+def lora_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype PEFT holds adapter weights in on a base of `weight_dtype` (half precisions are upcast)."""
+    import torch
+
+    if weight_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return weight_dtype
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, kind: str) -> torch.Tensor:
+    """ΔW of one module, laid out like the base weight: [out, in]; [in, out] for Conv1D; [vocab, dim] for Embedding."""
+    if kind == "embedding":
+        return (b @ a).T * scaling
+    product = b @ a
+    if kind == "conv1d":
+        product = product.T
+    return product * scaling
+
+
+def _dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+    """W' = m / ||W + ΔW|| * (W + ΔW), with the norm per output feature (per embedding dimension)."""
+    import torch
+
+    base = weight.clone()  # PEFT takes the norm of a copy of the unmerged weight
+    if kind == "embedding":
+        w = base.T + 1 * delta.T
+    elif kind == "conv1d":
+        w = base.T + 1 * delta.T
+    else:
+        w = base + 1 * delta
+    norm = torch.linalg.norm(w, dim=1).to(w.dtype)
+    factor = magnitude / norm
+    if kind == "embedding":
+        factor = factor.view(1, -1)
+    elif kind == "conv1d":
+        factor = factor.view(-1, 1).T
+    else:
+        factor = factor.view(-1, 1)
+    return (factor * (weight + delta)).to(weight.dtype)
+
+
+def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tensor], safe: bool) -> torch.Tensor:
+    """Merge one module's change into `weight` (modified in place where PEFT does so); returns the result.
+
+    Args:
+        weight: the base tensor, already in the output dtype; owned by the caller, so it may be changed.
+        d: which module, its kind, scaling and tensor keys.
+        lora: key -> adapter tensor in `lora_dtype(weight.dtype)`.
+        safe: follow merge_and_unload(safe_merge=True).
+    Raises:
+        LorafitError: the module's kind cannot be merged.
+    """
+    if d.role == "bias":
+        extra = lora(d.keys["bias"]) * d.scaling
+        if safe:
+            return (weight + extra).to(weight.dtype)
+        weight += extra
+        return weight
+    if d.kind not in ("linear", "conv1d", "embedding"):
+        raise LorafitError(f"cannot merge {d.module}: LoRA on {d.kind} layers is not supported by lorafit merge")
+    delta = delta_weight(lora(d.keys["A"]), lora(d.keys["B"]), d.scaling, d.kind)
+    if d.dora:
+        return _dora(weight, delta, lora(d.keys["magnitude"]), d.kind)
+    if safe or d.kind == "embedding":
+        weight += delta.to(weight.dtype)
+    else:
+        weight += delta
+    return weight

@@ -1,0 +1,132 @@
+"""Bad input to merge and verify-merge: exit 2, one line on stderr naming the file, no OUT left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import load_model, make_adapter
+from lorafit.cli import app
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory, bases: dict[str, Path]) -> dict[str, Path]:
+    """A tiny Llama saved in several shards, and an adapter for it."""
+    root = tmp_path_factory.mktemp("bad")
+    base = root / "llama-base"
+    load_model(bases["llama"], "AutoModelForCausalLM").save_pretrained(base, max_shard_size="20KB")
+    make_adapter(base, "AutoModelForCausalLM", root / "adapter")
+    return {"base": base, "adapter": root / "adapter"}
+
+
+def broken_copy(src: Path, dst: Path) -> Path:
+    """A copy of a model dir (hard links are not used: the test edits files)."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def run_merge(adapter: Path, base: Path, out: Path) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["merge", str(adapter), "--base", str(base), "-o", str(out)])
+    return result.exit_code, result.stderr
+
+
+def assert_one_line_error(code: int, stderr: str, names: str) -> None:
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorafit: error:"), stderr
+    assert names in lines[0] and "Traceback" not in stderr
+
+
+def shard_names(base: Path) -> list[str]:
+    return sorted(set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
+def test_missing_shard(sharded: dict[str, Path], tmp_path: Path) -> None:
+    base = broken_copy(sharded["base"], tmp_path / "llama-base")
+    victim = shard_names(base)[1]
+    (base / victim).unlink()
+    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
+    assert_one_line_error(code, err, victim)
+    assert "missing" in err and not (tmp_path / "out").exists()
+
+
+def test_index_names_a_file_that_does_not_exist(sharded: dict[str, Path], tmp_path: Path) -> None:
+    base = broken_copy(sharded["base"], tmp_path / "llama-base")
+    index = json.loads((base / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "model-00009-of-00009.safetensors"
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
+    assert_one_line_error(code, err, "model-00009-of-00009.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_shard(sharded: dict[str, Path], tmp_path: Path) -> None:
+    base = broken_copy(sharded["base"], tmp_path / "llama-base")
+    victim = base / shard_names(base)[0]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
+    assert_one_line_error(code, err, victim.name)
+    assert "truncated" in err and not (tmp_path / "out").exists()
+
+
+def test_base_without_safetensors(sharded: dict[str, Path], tmp_path: Path) -> None:
+    base = tmp_path / "llama-base"
+    base.mkdir()
+    (base / "config.json").write_bytes((sharded["base"] / "config.json").read_bytes())
+    (base / "pytorch_model.bin").write_bytes(b"")
+    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
+    assert_one_line_error(code, err, str(base))
+    assert "safetensors" in err and not (tmp_path / "out").exists()
+
+
+def test_out_parent_is_a_file(sharded: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out"
+    code, err = run_merge(sharded["adapter"], sharded["base"], out)
+    assert_one_line_error(code, err, str(out))
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_out_in_read_only_dir(sharded: dict[str, Path], tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, err = run_merge(sharded["adapter"], sharded["base"], ro / "out")
+        assert_one_line_error(code, err, str(ro / "out"))
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_out_on_a_filesystem_that_refuses_writes(sharded: dict[str, Path]) -> None:
+    """/proc refuses new directories even to root (the read-only-directory case, as root sees it)."""
+    out = Path("/proc/lorafit-merge-out")
+    code, err = run_merge(sharded["adapter"], sharded["base"], out)
+    assert_one_line_error(code, err, str(out))
+    assert not out.exists()
+
+
+def test_verify_merge_truncated_merged_shard(sharded: dict[str, Path], tmp_path: Path) -> None:
+    merged = broken_copy(sharded["base"], tmp_path / "merged")
+    victim = merged / shard_names(merged)[-1]
+    victim.write_bytes(victim.read_bytes()[:20])
+    result = CliRunner().invoke(app, ["verify-merge", str(merged), "--base", str(sharded["base"]),
+                                      "--adapter", str(sharded["adapter"])])
+    assert_one_line_error(result.exit_code, result.stderr, victim.name)
+
+
+def test_bad_options(sharded: dict[str, Path], tmp_path: Path) -> None:
+    for opt in (["--dtype", "int4"], ["--max-shard-size", "lots"]):
+        result = CliRunner().invoke(app, ["merge", str(sharded["adapter"]), "--base", str(sharded["base"]),
+                                          "-o", str(tmp_path / "out"), *opt])
+        assert_one_line_error(result.exit_code, result.stderr, opt[1])
+        assert not (tmp_path / "out").exists()
