@@ -27,6 +27,7 @@ PREFIX_SEGMENTS = ["model", "transformer", "base", "language_model", "text_model
 CONTAINERS = ["layers", "h", "blocks"]
 MODULE_NAMES = ["q", "k", "v", "o", "up", "down", "fc1", "fc2"]
 DIMS = [8, 16, 24, 32]
+PEFT_PREFIX = "base_model.model."
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -50,6 +51,14 @@ def _add_containers(modules: dict[str, ModuleInfo]) -> dict[str, ModuleInfo]:
             out.setdefault(".".join(parts[:i]), ModuleInfo("Block"))
     out.update(modules)
     return out
+
+
+def _key(path: str) -> str:
+    return f"{PEFT_PREFIX}{path}.weight"
+
+
+def _moved(e: Entry, path: str) -> Entry:
+    return replace(e, path=path, key=_key(path) if e.kind == "tensor" else None)
 
 
 def _linear(fin: int, fout: int) -> ModuleInfo:
@@ -93,7 +102,7 @@ def cases(draw: Any, unique_shapes: bool = False, min_entries: int = 1, change: 
     tensor_truth: dict[str, str] = {}
     others = [r for r in rests if r not in chosen]
     for r in draw(st.lists(st.sampled_from(others), max_size=2, unique=True)) if others else []:
-        key = f"base_model.model.{q}{r}.weight"
+        key = _key(q + r)
         entries.append(Entry(q + r, "tensor", param="weight", shape=modules[p + r].params["weight"], key=key))
         tensor_truth[key] = p + r
     return Case(tree, entries, truth, tensor_truth, p, q, sorted({r.rsplit(".", 1)[1] for r in chosen}))
@@ -193,8 +202,7 @@ def twin_cases(draw: Any) -> tuple[Case, str, str]:
             rest = path[len(case.p):]
             modules[f"{parent}{a}.{rest}"] = info
             modules[f"{parent}{b}.{rest}"] = info
-    entries = [replace(e, path=e.path[len(case.p):], key=e.key and e.key.replace(case.p, "", 1))
-               for e in case.entries]
+    entries = [_moved(e, e.path[len(case.p):]) for e in case.entries]
     return replace(case, tree=ModuleTree("Twins", _add_containers(modules)), entries=entries), parent + a, parent + b
 
 
@@ -209,6 +217,28 @@ def test_two_equally_good_rewrites_are_ambiguous(arg: tuple[Case, str, str]) -> 
     assert al.chosen.score == len(case.entries)
     landed = set(al.chosen.pairs.values()) | set(al.chosen.tensor_pairs.values())
     assert all(t.startswith(a + ".") for t in landed) or all(t.startswith(b + ".") for t in landed)
+
+
+@SETTINGS
+@given(twin_cases())
+def test_identity_wins_a_tie_with_a_twin_subtree(arg: tuple[Case, str, str]) -> None:
+    # Saved for the `a` subtree: it lands as saved; 'replace a. with b.' lands as much but is never preferred.
+    case, a, _ = arg
+    entries = [_moved(e, f"{a}.{e.path}") for e in case.entries]
+    al = align(entries, case.tree)
+    assert al.chosen.rewrite.is_identity and al.ambiguous == [] and not al.needs_rewrite
+    assert al.chosen.score == len(entries) and al.as_is.complete
+
+
+@SETTINGS
+@given(cases(change="none"), st.sampled_from(["copy", "vision", "draft"]))
+def test_identity_wins_a_tie_with_a_prefixed_copy(case: Case, extra: str) -> None:
+    # The tree also holds a copy of every module under `extra.`: 'add prefix extra.' lands as much as saved.
+    modules = dict(case.tree.modules)
+    modules.update({f"{extra}.{p}": info for p, info in case.tree.modules.items() if p})
+    al = align(case.entries, ModuleTree("Copies", modules))
+    assert al.chosen.rewrite.is_identity and al.ambiguous == [] and not al.needs_rewrite
+    assert al.chosen.pairs == case.truth
 
 
 def test_single_layer_adapter_is_not_ambiguous_with_a_layer_shift() -> None:

@@ -201,6 +201,10 @@ def read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+# What torch's weights_only unpickler says is wrong, most telling first.
+_UNPICKLER_REASONS = (r"Unsupported global: GLOBAL \S+", r"Unsupported operand \d+", r"WeightsUnpickler error: .+")
+
+
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only=True: a .bin that needs more than tensors is refused, never executed."""
     import pickle
@@ -211,8 +215,8 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
         data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal escape codes
-        found = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \d+|WeightsUnpickler error: .+", text)
-        why = found.group(0).strip() if found else "content that is not plain tensors"
+        found = [m.group(0).strip() for m in (re.search(p, text) for p in _UNPICKLER_REASONS) if m]
+        why = found[0] if found else "content that is not plain tensors"
         raise AdapterFormatError(
             f"cannot be read with torch.load(weights_only=True): {why[:160]}. It needs pickle beyond plain "
             "tensors, or it is corrupt; lorafit will not execute code from a checkpoint. Re-save it with "

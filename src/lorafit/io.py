@@ -74,13 +74,21 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     for key, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            if not (type(start) is int and type(end) is int and 0 <= start <= end) or min(shape, default=0) < 0:
+                raise ValueError(key)
         except (KeyError, TypeError, ValueError):
             raise AdapterFormatError(f"corrupt safetensors file (bad header entry for {key!r})", path) from None
         info = TensorInfo(shape, dtype, 8 + n + start)
-        if end > data_len or end - start != info.nbytes:
+        if end > data_len:
             raise AdapterFormatError(
                 f"truncated or corrupt safetensors file (tensor {key!r} ends at byte {end}, "
                 f"only {data_len} data bytes present)",
+                path,
+            )
+        if end - start != info.nbytes:
+            raise AdapterFormatError(
+                f"corrupt safetensors file (tensor {key!r} holds {end - start} bytes; shape {list(shape)} "
+                f"of {dtype} needs {info.nbytes})",
                 path,
             )
         infos[key] = info
