@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from .patterns import is_targeted
@@ -43,37 +44,62 @@ class Rewrite:
     src: str = ""
     dst: str = ""
     regexes: tuple[tuple[str, str], ...] = ()
+    more: tuple[tuple[str, str], ...] = ()  # further prefix rules, for paths that `src` does not match
+    table: tuple[tuple[str, str], ...] = ()  # exact renames: what PEFT's own load-time conversion does
 
     @property
     def is_identity(self) -> bool:
-        return not self.regexes and self.src == self.dst
+        return not self.regexes and not self.more and not self.table and self.src == self.dst
+
+    @cached_property
+    def _table(self) -> dict[str, str]:
+        return dict(self.table)
+
+    @property
+    def rules(self) -> tuple[tuple[str, str], ...]:
+        """The prefix rules in order; the first whose source prefix matches a path rewrites it."""
+        return ((self.src, self.dst), *self.more)
 
     def apply(self, path: str) -> str:
+        if self.table:
+            return self._table.get(path, path)
         if self.regexes:
             for pattern, repl in self.regexes:
                 new, n = re.subn(pattern, repl, path)
                 if n:
                     return new
             return path
-        if path.startswith(self.src) or (self.src and path + "." == self.src):
-            return self.dst + path[len(self.src):]
+        for src, dst in self.rules:
+            if path.startswith(src) or (src and path + "." == src):
+                return dst + path[len(src):]
         return path
 
     def describe(self) -> str:
         if self.regexes:
             return ", ".join(f"{p}={r}" for p, r in self.regexes)
+        if self.table:
+            return f"as PEFT loads it (transformers' conversion renames {len(self.table)} modules)"
         if self.is_identity:
             return "as saved"
-        if not self.src:
-            return f"add prefix {self.dst!r}"
-        if not self.dst:
-            return f"strip prefix {self.src!r}"
-        return f"replace prefix {self.src!r} with {self.dst!r}"
+        return " and ".join(_describe_rule(s, d) for s, d in self.rules)
 
     def to_json(self) -> dict[str, Any]:
         if self.regexes:
             return {"type": "regex", "mapping": [list(r) for r in self.regexes]}
-        return {"type": "prefix", "from": self.src, "to": self.dst, "description": self.describe()}
+        if self.table:
+            return {"type": "load-time-conversion", "renamed": len(self.table), "description": self.describe()}
+        out: dict[str, Any] = {"type": "prefix", "from": self.src, "to": self.dst, "description": self.describe()}
+        if self.more:
+            out["more"] = [{"from": s, "to": d} for s, d in self.more]
+        return out
+
+
+def _describe_rule(src: str, dst: str) -> str:
+    if not src:
+        return f"add prefix {dst!r}"
+    if not dst:
+        return f"strip prefix {src!r}"
+    return f"replace prefix {src!r} with {dst!r}"
 
 
 @dataclass(frozen=True)
@@ -118,7 +144,8 @@ class Alignment:
 
     @property
     def needs_rewrite(self) -> bool:
-        return not self.chosen.rewrite.is_identity
+        """True when landing needs a rewrite beyond what stock PEFT does by itself."""
+        return self.chosen.rewrite != self.as_is.rewrite
 
 
 def _tree_key(entry: Entry) -> str:
@@ -221,7 +248,7 @@ def _found(m: Mapping_) -> int:
 
 
 def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] | None = None,
-          key_mapping: Sequence[tuple[str, str]] = ()) -> Alignment:
+          key_mapping: Sequence[tuple[str, str]] = (), load_renames: Mapping[str, str] | None = None) -> Alignment:
     """Align adapter entries with a module tree.
 
     Args:
@@ -229,13 +256,40 @@ def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] 
         tree: the target's ModuleTree.
         config: the adapter config; with it, targeted modules left without tensors are reported as missing.
         key_mapping: user regex rewrites (pattern, replacement), tried in order, first match wins.
+        load_renames: module paths PEFT itself renames while loading (see conversion.load_renames).
     Returns:
         the Alignment: as_is (what stock PEFT does), the chosen rewrite, ambiguities and rejected candidates.
     """
-    as_is = apply_rewrite(entries, tree, Rewrite(), config)
+    as_is = apply_rewrite(entries, tree, Rewrite(table=tuple(sorted((load_renames or {}).items()))), config)
     if key_mapping:
         chosen = apply_rewrite(entries, tree, Rewrite(regexes=tuple(key_mapping)), config)
         return Alignment(as_is=as_is, chosen=chosen, total=len(entries))
+    al = _best_rewrite(entries, tree, config, as_is)
+    # A refactor may move several sub-trees at once (a VLM's language model and its vision tower), each
+    # under its own prefix: search again among the entries no rule so far applies to, and keep a further
+    # rule while it lands more and is itself unambiguous.
+    while al.chosen.rewrite.src and not al.ambiguous:
+        left = [e for e in entries if not any(_tree_key(e).startswith(s) for s, _ in al.chosen.rewrite.rules)]
+        if not left:
+            break
+        # Modules the rules so far already land on are taken: a further rule may not land there again.
+        taken = set(al.chosen.pairs.values()) | set(al.chosen.tensor_pairs.values())
+        free = replace(tree, modules={p: i for p, i in tree.modules.items() if p not in taken})
+        sub = _best_rewrite(left, free, None, apply_rewrite(left, free, Rewrite(), None))
+        if sub.ambiguous or sub.chosen.rewrite.is_identity or sub.chosen.score <= sub.as_is.score:
+            break
+        r = al.chosen.rewrite
+        combined = apply_rewrite(entries, tree, Rewrite(r.src, r.dst, more=(*r.more, sub.chosen.rewrite.rules[0])),
+                                 config)
+        if combined.score <= al.chosen.score:
+            break
+        al.chosen = combined
+    return al
+
+
+def _best_rewrite(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] | None,
+                  as_is: Mapping_) -> Alignment:
+    """The single prefix rule that lands the most entries (identity on a tie), with ambiguities and losers."""
     scored = [as_is] + [apply_rewrite(entries, tree, r, config) for r in candidate_rewrites(entries, tree)[1:]]
     # A rewrite that is a simpler one plus a further rename ('model.layers.0.' -> 'layers.1.' beside 'strip
     # model.') is out when the simpler one finds the paths of as many entries: the extra rename is unjustified,
@@ -260,8 +314,8 @@ def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] 
             rejected.append((m.rewrite, m.score, why))
     if not winners:
         return Alignment(as_is=as_is, chosen=as_is, rejected=rejected, total=len(entries))
-    # Identity wins a tie: never rewrite what already lands.
-    winners.sort(key=lambda m: (not m.rewrite.is_identity, len(m.rewrite.src) + len(m.rewrite.dst)))
+    # What stock PEFT does wins a tie: never rewrite what already lands.
+    winners.sort(key=lambda m: (m is not as_is, len(m.rewrite.src) + len(m.rewrite.dst)))
     chosen, others = winners[0], winners[1:]
-    ambiguous = [] if chosen.rewrite.is_identity else others
+    ambiguous = [] if chosen is as_is else others
     return Alignment(as_is=as_is, chosen=chosen, ambiguous=ambiguous, rejected=rejected, total=len(entries))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ class Checked:
     tree: ModuleTree
     alignment: Alignment
     class_name: str
+    model: Callable[[], Any] | None = None  # the target model on demand (see run_check)
 
 
 def alignment_summary(al: Alignment) -> dict[str, Any]:
@@ -112,11 +114,20 @@ def alignment_summary(al: Alignment) -> dict[str, Any]:
 
 def run_check(adapter: Adapter | str | Path, tree: ModuleTree, class_name: str,
               key_mapping: Sequence[tuple[str, str]] = (), base: str | None = None,
-              read_tensors: bool = True) -> Checked:
-    """Align `adapter` with `tree` and collect every finding (adapter alone and adapter x target)."""
+              read_tensors: bool = True, model: Callable[[], Any] | None = None) -> Checked:
+    """Align `adapter` with `tree` and collect every finding (adapter alone and adapter x target).
+
+    `model` returns the target model (meta is fine); it is called only for model types whose keys PEFT
+    converts on load, to ask PEFT how it will rename this adapter's keys.
+    """
     a = ensure_adapter(adapter)
     health = tensor_health(a) if read_tensors else None
-    al = align(entries_of(a), tree, a.config, key_mapping)
+    renames = None
+    if tree.converts_keys and model is not None:
+        from .conversion import load_renames
+
+        renames = load_renames(a, model())
+    al = align(entries_of(a), tree, a.config, key_mapping, load_renames=renames)
 
     def fix_cmd() -> str:
         cmd = ["lorafit", "fix", str(a.path), "--base", base or "MODEL", "--class", class_name,
@@ -132,7 +143,7 @@ def run_check(adapter: Adapter | str | Path, tree: ModuleTree, class_name: str,
     target = tree.summary() | {"requested_class": class_name}
     report = Report("check", adapter=adapter_summary(a, health), target=target,
                     alignment=alignment_summary(al), findings=findings, modules=module_rows(a, health))
-    return Checked(report, a, tree, al, class_name)
+    return Checked(report, a, tree, al, class_name, model)
 
 
 def _class_for_task(task: str | None) -> str:
@@ -158,6 +169,19 @@ def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str
     return run_check_for(adapter, base, class_name, key_mapping).report
 
 
+def meta_model_thunk(base: str | Path, class_name: str) -> Callable[[], Any]:
+    """A function that builds (once) the meta-device model of `class_name` for `base`."""
+
+    @cache
+    def build() -> Any:
+        from .target import build_meta_model, load_config, resolve_class, resolve_model_dir
+
+        config = load_config(resolve_model_dir(base))
+        return build_meta_model(resolve_class(class_name, config), config)
+
+    return build
+
+
 def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | None = None,
                   key_mapping: Sequence[str] | dict[str, str] | None = None) -> Checked:
     """check, keeping the intermediate objects (see Checked)."""
@@ -168,8 +192,8 @@ def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_n
 
         name = class_name or default_class_name(a.task_type)
         tree = tree_from_pretrained(base, name)
-        return run_check(a, tree, name, mapping, base=str(base))
+        return run_check(a, tree, name, mapping, base=str(base), model=meta_model_thunk(base, name))
     from .tree import tree_from_module
 
     tree = tree_from_module(base)
-    return run_check(a, tree, tree.class_name, mapping)
+    return run_check(a, tree, tree.class_name, mapping, model=lambda: base)

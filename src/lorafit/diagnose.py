@@ -132,9 +132,11 @@ def rule_coverage(adapter: Adapter, tree: ModuleTree, m: Mapping_, fix_hint: str
                            f"of that path in {tree.class_name}; PEFT drops them without a word", dropped,
                            hint=fix_hint))
     if m.missing:
+        init = ("lora_A and lora_B keep the random values of init_lora_weights=false"
+                if adapter.config.get("init_lora_weights") is False
+                else "lora_B stays 0 and the adapter does nothing there")
         out.append(Finding("missing-adapter-weights", f"{_plural(len(m.missing), 'targeted module')} of "
-                           f"{tree.class_name} would get no tensor: lora_B stays 0 and the adapter does nothing "
-                           "there", m.missing, hint=fix_hint))
+                           f"{tree.class_name} would get no tensor: {init}", m.missing, hint=fix_hint))
     absent = [k for k in m.unmatched_tensors if k in mts_keys]
     if absent:
         out.append(Finding("modules-to-save-absent", f"the trained {_plural(len(absent), 'modules_to_save tensor')}"

@@ -64,9 +64,13 @@ def remap_keys(adapter: Adapter, m: Mapping_) -> dict[str, str]:
 
 def _rewrite_names(names: Any, rewrite: Rewrite) -> Any:
     """Rewrite the prefix of names (pattern keys, modules_to_save) that spell out the old prefix."""
-    if not rewrite.src or not isinstance(names, list):
+    if rewrite.regexes or not isinstance(names, list):
         return names
-    return [rewrite.dst + n[len(rewrite.src):] if n.startswith(rewrite.src) else n for n in names]
+    out = []
+    for n in names:
+        rule = next(((s, d) for s, d in rewrite.rules if s and n.startswith(s)), None)
+        out.append(rule[1] + n[len(rule[0]):] if rule else n)
+    return out
 
 
 def fixed_config(checked: Checked, m: Mapping_) -> dict[str, Any]:
@@ -124,7 +128,7 @@ def write_fixed(checked: Checked, out_dir: Path, source_desc: str | None = None)
 
 
 def _recheck(checked: Checked, out_dir: Path) -> Report:
-    return run_check(read_adapter(out_dir), checked.tree, checked.class_name, read_tensors=True).report
+    return run_check(read_adapter(out_dir), checked.tree, checked.class_name, model=checked.model).report
 
 
 def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, class_name: str | None = None,

@@ -86,7 +86,7 @@ def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | N
     active = getattr(peft_model, "active_adapter", "default")
     name: str = adapter_name or (active[0] if isinstance(active, list) else str(active))
     tree = tree_from_module(peft_model)
-    checked = run_check(a, tree, tree.class_name, read_tensors=False)
+    checked = run_check(a, tree, tree.class_name, read_tensors=False, model=peft_model.get_base_model)
     mapping = checked.alignment.chosen if not checked.alignment.ambiguous else checked.alignment.as_is
     keymap = remap_keys(a, mapping)
     has_emb_copy = any(x.kind == "embedding_base" for x in a.extras)
@@ -153,7 +153,7 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
     a = ensure_adapter(adapter)
     is_peft = isinstance(model, PeftModel)
     tree = tree_from_module(model)
-    checked = run_check(a, tree, tree.class_name)
+    checked = run_check(a, tree, tree.class_name, model=lambda: model.get_base_model() if is_peft else model)
     chosen = checked.alignment.chosen
     if checked.alignment.ambiguous or chosen.conflicts or chosen.collisions:
         # PEFT would fail here with a size-mismatch RuntimeError, or lorafit would have to guess.

@@ -52,6 +52,7 @@ class ModuleTree:
     input_embeddings: str | None = None
     output_embeddings: str | None = None
     source: str | None = None
+    converts_keys: bool = False  # PEFT renames adapter keys on load (transformers' conversion mapping)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -96,6 +97,8 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
     """Build the tree of a live model (a PeftModel is unwrapped to the model PEFT wraps)."""
     import torch
 
+    from .conversion import has_conversion
+
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     modules: dict[str, ModuleInfo] = {}
@@ -128,6 +131,7 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
         vocab_size=_text_config_attr(config, "vocab_size"),
         tie_word_embeddings=bool(_tied(config)),
         input_embeddings=in_emb, output_embeddings=out_emb, source=source,
+        converts_keys=has_conversion(getattr(config, "model_type", None)),
     )
 
 
