@@ -118,7 +118,7 @@ def target_case(draw: Any) -> tuple[dict[str, Any], str]:
             if draw(st.booleans()):
                 cfg["layers_pattern"] = draw(st.one_of(
                     st.sampled_from(["layers", "h", "blocks", "layer", ""]),
-                    st.lists(st.sampled_from(["layers", "h", "blocks", "layer"]), max_size=2, unique=True)))
+                    st.lists(st.sampled_from(["layers", "h", "blocks", "layer", ""]), max_size=2, unique=True)))
     else:
         cfg["target_modules"] = draw(st.one_of(st.sampled_from(REGEXES), st.just(re.escape(path))))
     exclude = draw(st.sampled_from(["none", "list", "regex"]))

@@ -178,6 +178,22 @@ def test_hub_id_resolves_through_the_local_cache_named_by_env(bases: dict[str, P
         read_adapter("org/not-cached")
 
 
+def test_hub_id_of_the_base_model_resolves_through_the_same_cache(bases: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # `check --base ORG/NAME` must find the base where `inspect ORG/NAME` finds an adapter.
+    make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
+    snap = _fake_hub_cache(tmp_path / "hub", "org/tiny-llama", bases["llama"])
+    for name in ("HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "lorafit-cache"))
+    monkeypatch.chdir(tmp_path)
+    report = lorafit.check(tmp_path / "a", "org/tiny-llama", "AutoModelForCausalLM")
+    assert report.ok, [f.code for f in report.findings]
+    assert report.target is not None and report.target["class"] == "LlamaForCausalLM"
+    assert snap.exists()
+
+
 # ----------------------------------------------------------------------------- rank, alpha, scaling
 
 def test_rank_and_alpha_patterns_resolve_as_peft_does(bases: dict[str, Path], tmp_path: Path) -> None:
@@ -405,6 +421,31 @@ def test_bias_without_lora_bias_flag(bases: dict[str, Path], tmp_path: Path) -> 
     edit_config(tmp_path / "a", lora_bias=False)
     f = next(f for f in lorafit.inspect(tmp_path / "a").findings if f.code == "bias-mismatch")
     assert f.count == 6
+
+
+def test_module_missing_lora_b_is_incomplete(llama_adapter: Path) -> None:
+    gone = f"{PEFT_PREFIX}model.layers.0.self_attn.v_proj.lora_B.weight"
+    edit_tensors(llama_adapter, lambda sd: {k: v for k, v in sd.items() if k != gone})
+    adapter = read_adapter(llama_adapter)
+    assert adapter.incomplete == {"model.layers.0.self_attn.v_proj": ["A"]}
+    assert "model.layers.0.self_attn.v_proj" not in adapter.modules and len(adapter.modules) == 5
+    f = next(f for f in lorafit.inspect(adapter).findings if f.code == "incomplete-module")
+    assert f.keys == ["model.layers.0.self_attn.v_proj (has A)"]
+
+
+def test_lora_a_and_b_of_different_rank(llama_adapter: Path) -> None:
+    key = f"{PEFT_PREFIX}model.layers.1.self_attn.q_proj.lora_B.weight"
+    edit_tensors(llama_adapter, lambda sd: sd | {key: sd[key][:, :2].contiguous()})
+    f = next(f for f in lorafit.inspect(llama_adapter).findings if f.code == "rank-inconsistent")
+    assert f.keys == ["model.layers.1.self_attn.q_proj: lora_A rank 4, lora_B rank 2"]
+
+
+def test_keys_without_peft_prefix(llama_adapter: Path) -> None:
+    edit_tensors(llama_adapter, lambda sd: {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()})
+    adapter = read_adapter(llama_adapter)
+    assert len(adapter.modules) == 6 and len(adapter.unprefixed_keys) == 12
+    f = next(f for f in lorafit.inspect(adapter).findings if f.code == "unprefixed-keys")
+    assert f.count == 12
 
 
 # ----------------------------------------------------------------------------- JSON
