@@ -144,6 +144,8 @@ BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
      "adapter_config.json", "no peft_type"),
     ("peft-type-unknown", lambda p: _write_config(p, _config(p) | {"peft_type": "LORAX"}), "adapter_config.json",
      "unknown peft_type 'LORAX'"),
+    ("peft-type-lowercase", lambda p: _write_config(p, _config(p) | {"peft_type": "lora"}), "adapter_config.json",
+     "must be spelled 'LORA'"),
     ("peft-type-ia3", lambda p: _write_config(p, _config(p) | {"peft_type": "IA3"}), "adapter_config.json",
      "'IA3' is not supported"),
     ("r-not-a-number", lambda p: _write_config(p, _config(p) | {"r": "four"}), "adapter_config.json",

@@ -192,6 +192,9 @@ def read_config(path: Path) -> dict[str, Any]:
     if peft_type is None:
         raise AdapterFormatError("has no peft_type; a PEFT adapter config always names one", cfg_path)
     if peft_type != "LORA":
+        if str(peft_type).upper() == "LORA":
+            raise AdapterFormatError(f"peft_type {peft_type!r} must be spelled 'LORA': PEFT matches it exactly and "
+                                     "fails to load it otherwise", cfg_path)
         if str(peft_type).upper() in peft_types():
             raise AdapterFormatError(f"peft_type {peft_type!r} is not supported: lorafit reads LoRA adapters", cfg_path)
         raise AdapterFormatError(f"unknown peft_type {peft_type!r} (this PEFT knows LORA, IA3, ADALORA, ...)", cfg_path)
