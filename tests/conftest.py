@@ -50,7 +50,8 @@ def tiny_config(family: str, **overrides: Any) -> Any:
 # The head class each family is saved with; AutoModel and the others load from the same directory.
 HEAD_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "opt": "AutoModelForCausalLM",
               "bert": "AutoModelForSequenceClassification"}
-LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "opt": ["q_proj", "v_proj", "fc2"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "opt": ["q_proj", "v_proj", "fc2"],
+                "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
 
 
 def save_base(root: Path, family: str, **overrides: Any) -> Path:

@@ -33,7 +33,9 @@ def resolve_model_dir(model: str | Path) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        snap = Path(snapshot_download(str(model), local_files_only=True))
+        from .io import hf_hub_cache_dir
+
+        snap = Path(snapshot_download(str(model), local_files_only=True, cache_dir=hf_hub_cache_dir()))
         if (snap / "config.json").exists():
             return snap
     except Exception:
