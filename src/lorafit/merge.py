@@ -11,6 +11,7 @@ imported libraries and the adapter instead of holding a copy each.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -27,7 +28,7 @@ from .diagnose import rule_coverage
 from .errors import LorafitError, OutputExistsError
 from .findings import Finding
 from .io import atomic_output_dir, write_json
-from .merge_math import apply_delta, lora_dtype
+from .merge_math import Scratch, apply_delta, lora_dtype
 from .merge_plan import MergePlan, TensorPlan, build_plan, check_for_merge
 from .report import Report
 from .shards import (
@@ -94,7 +95,7 @@ def lora_tensors(plan: MergePlan, adapter: Adapter, ckpt: Checkpoint,
 
 
 def compute(tp: TensorPlan, ckpt: Checkpoint, adapter: Adapter, lora: dict[str, torch.Tensor],
-            out_dtype: str | None, safe: bool) -> torch.Tensor:
+            out_dtype: str | None, safe: bool, space: Workspace | None = None) -> torch.Tensor:
     """The merged value of one planned tensor.
 
     Raises:
@@ -111,13 +112,27 @@ def compute(tp: TensorPlan, ckpt: Checkpoint, adapter: Adapter, lora: dict[str, 
     if tp.replace is not None:
         w = adapter.tensor(tp.replace).to(dtype, copy=True)  # PEFT copies the saved values into a param of this dtype
     else:
-        w = ckpt.read(tp.source).to(dtype)
+        w = ckpt.read(tp.source, into=space.read_buffer(st.nbytes) if space else None).to(dtype)
     for d in tp.deltas:
-        w = apply_delta(w, d, lora.__getitem__, safe)
+        w = apply_delta(w, d, lora.__getitem__, safe, space.scratch if space else None)
     if safe and not bool(torch.isfinite(w).all()):
         raise LorafitError(f"NaN or Inf in the merged {tp.name}; the adapter is broken (safe merge refuses it)",
                            adapter.path)
     return w
+
+
+class Workspace:
+    """One worker's reusable buffers: the tensor read from the base, and ΔW."""
+
+    def __init__(self) -> None:
+        self._read = bytearray()
+        self.scratch = Scratch()
+
+    def read_buffer(self, nbytes: int) -> bytearray:
+        if len(self._read) < nbytes:
+            self._read = bytearray()  # free the old buffer before allocating the larger one
+            self._read = bytearray(nbytes)
+        return self._read
 
 
 class _Progress:
@@ -170,12 +185,15 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
             out_dtype: str | None, safe: bool, workers: int, on_bytes: Callable[[int], None]) -> None:
     """Write every tensor of the plan with `workers` threads; the first error stops the rest and is raised."""
     lora = lora_tensors(plan, adapter, ckpt, out_dtype)
+    local = threading.local()
 
     def job(name: str) -> None:
         src = plan.sources[name]
         st = ckpt.tensors[src]
         if name in plan.changes:
-            data = tensor_bytes(compute(plan.changes[name], ckpt, adapter, lora, out_dtype, safe))
+            if not hasattr(local, "space"):
+                local.space = Workspace()
+            data = tensor_bytes(compute(plan.changes[name], ckpt, adapter, lora, out_dtype, safe, local.space))
             writer.write(name, data)
             on_bytes(len(data))
         elif codes[name] == st.dtype:
@@ -185,14 +203,22 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
             _cast_copy(writer, name, ckpt, src, codes[name])
             on_bytes(st.nbytes)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lorafit-merge") as pool:
-        futures = [pool.submit(job, name) for name in plan.order]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            if f.exception() is not None:
-                for g in futures:
-                    g.cancel()
-                raise f.exception()  # type: ignore[misc]
+    import torch
+
+    # Each worker's torch ops get their share of the cores: two OpenMP teams on two cores spin against each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lorafit-merge") as pool:
+            futures = [pool.submit(job, name) for name in plan.order]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for f in done:
+                if f.exception() is not None:
+                    for g in futures:
+                        g.cancel()
+                    raise f.exception()  # type: ignore[misc]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: str | None) -> list[str]:

@@ -36,14 +36,45 @@ def lora_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
-def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, kind: str) -> torch.Tensor:
+class Scratch:
+    """A reusable buffer for ΔW, one per worker: a fresh 4-bytes-per-element tensor per weight costs page faults."""
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+
+    def take(self, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous [rows, cols] tensor of `dtype` (contents undefined), valid until the next take."""
+        import torch
+
+        n = rows * cols
+        if self._flat is None or self._flat.dtype != dtype or self._flat.numel() < n:
+            self._flat = None  # free the old buffer before allocating the larger one
+            self._flat = torch.empty(n, dtype=dtype)
+        return self._flat[:n].view(rows, cols)
+
+
+# Elements per block of the elementwise passes: 512 KiB of fp32 stays in cache between scale, add and round.
+_BLOCK = 1 << 17
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, kind: str, scratch: Scratch | None) -> torch.Tensor:
+    """B @ A, as a view laid out like the base weight. With `scratch`, written into its buffer (the same matmul)."""
+    import torch
+
+    product = b @ a if scratch is None else torch.mm(b, a, out=scratch.take(b.shape[0], a.shape[1], b.dtype))
+    return product.T if kind in ("embedding", "conv1d") else product
+
+
+def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, kind: str,
+                 scratch: Scratch | None = None) -> torch.Tensor:
     """ΔW of one module, laid out like the base weight: [out, in]; [in, out] for Conv1D; [vocab, dim] for Embedding."""
-    if kind == "embedding":
-        return (b @ a).T * scaling
-    product = b @ a
-    if kind == "conv1d":
-        product = product.T
-    return product * scaling
+    # PEFT multiplies into a new tensor; scaling in place is the same elementwise product, one fp32 copy fewer.
+    return _product(a, b, kind, scratch).mul_(scaling)
+
+
+def _row_blocks(weight: torch.Tensor) -> list[slice]:
+    rows = max(1, _BLOCK // max(1, weight.shape[-1]))
+    return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
 
 
 def _dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
@@ -68,7 +99,8 @@ def _dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, ki
     return (factor * (weight + delta)).to(weight.dtype)
 
 
-def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tensor], safe: bool) -> torch.Tensor:
+def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tensor], safe: bool,
+                scratch: Scratch | None = None) -> torch.Tensor:
     """Merge one module's change into `weight` (modified in place where PEFT does so); returns the result.
 
     Args:
@@ -76,6 +108,7 @@ def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tens
         d: which module, its kind, scaling and tensor keys.
         lora: key -> adapter tensor in `lora_dtype(weight.dtype)`.
         safe: follow merge_and_unload(safe_merge=True).
+        scratch: a reusable buffer for ΔW (optional).
     Raises:
         LorafitError: the module's kind cannot be merged.
     """
@@ -87,11 +120,22 @@ def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tens
         return weight
     if d.kind not in ("linear", "conv1d", "embedding"):
         raise LorafitError(f"cannot merge {d.module}: LoRA on {d.kind} layers is not supported by lorafit merge")
-    delta = delta_weight(lora(d.keys["A"]), lora(d.keys["B"]), d.scaling, d.kind)
     if d.dora:
+        delta = delta_weight(lora(d.keys["A"]), lora(d.keys["B"]), d.scaling, d.kind)
         return _dora(weight, delta, lora(d.keys["magnitude"]), d.kind)
-    if safe or d.kind == "embedding":
-        weight += delta.to(weight.dtype)
-    else:
-        weight += delta
+    product = _product(lora(d.keys["A"]), lora(d.keys["B"]), d.kind, scratch)
+    # The matmul runs whole (splitting it could change its rounding); the elementwise passes after it are exact
+    # to split, so they run block by block while the block is in cache.
+    cast_first = safe or d.kind == "embedding"  # PEFT rounds ΔW to the weight dtype before adding
+    for rows in _row_blocks(weight):
+        delta, w = product[rows], weight[rows]
+        delta.mul_(d.scaling)
+        if cast_first:
+            w += delta.to(w.dtype)
+        else:
+            # PEFT's `weight += delta` rounds fp(weight) + delta once to the weight dtype. Adding the weight into
+            # the fp32 delta (IEEE addition commutes) and copying back rounds the same sum the same way, with
+            # same-dtype kernels instead of a slow mixed-dtype in-place add.
+            delta.add_(w)
+            w.copy_(delta)
     return weight

@@ -152,9 +152,10 @@ class Checkpoint:
                     raise LorafitError(f"cannot be opened ({e.strerror})", path) from None
             return self._fds[path]
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor's data in a buffer of its own (writable, not shared with the file).
+    def read(self, key: str, into: bytearray | None = None) -> torch.Tensor:
+        """The tensor's data in a writable buffer not shared with the file: a new one, or the start of `into`.
 
+        Reusing `into` (at least the tensor's size) spares a fresh allocation, and its page faults, per tensor.
         Raises:
             LorafitError: the shard changed or shrank since its header was read.
         """
@@ -164,9 +165,10 @@ class Checkpoint:
         dtype = torch_dtype(st.dtype)
         if st.nbytes == 0:
             return torch.empty(st.shape, dtype=dtype)
-        buf = bytearray(st.nbytes)
-        read_into(self.fd(st.path), memoryview(buf), st.offset, st.path)
-        return torch.frombuffer(buf, dtype=dtype).reshape(st.shape)
+        buf = into if into is not None and len(into) >= st.nbytes else bytearray(st.nbytes)
+        read_into(self.fd(st.path), memoryview(buf)[:st.nbytes], st.offset, st.path)
+        numel = st.nbytes // DTYPE_SIZES[st.dtype]
+        return torch.frombuffer(buf, dtype=dtype, count=numel).reshape(st.shape)
 
     def read_range(self, key: str, start: int, nbytes: int) -> bytearray:
         """`nbytes` bytes of the tensor's data from byte `start` on (clipped to its end)."""
