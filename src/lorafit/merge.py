@@ -27,8 +27,8 @@ from .checker import Checked, alignment_summary
 from .diagnose import rule_coverage
 from .errors import LorafitError, OutputExistsError
 from .findings import Finding
-from .io import atomic_output_dir, write_json
-from .merge_math import Scratch, apply_delta, lora_dtype
+from .io import DTYPE_SIZES, atomic_output_dir, write_json
+from .merge_math import Scratch, adds_rounded_delta, apply_delta, lora_dtype, merge_block, product, row_blocks
 from .merge_plan import MergePlan, TensorPlan, build_plan, check_for_merge
 from .report import Report
 from .shards import (
@@ -121,6 +121,42 @@ def compute(tp: TensorPlan, ckpt: Checkpoint, adapter: Adapter, lora: dict[str, 
     return w
 
 
+def streamable(tp: TensorPlan, ckpt: Checkpoint, code: str) -> bool:
+    """One plain LoRA delta on a 2-D float weight: merged block by block, never held whole."""
+    d = tp.deltas[0] if len(tp.deltas) == 1 else None
+    st = ckpt.tensors[tp.source]
+    return (d is not None and d.role == "weight" and not d.dora and tp.replace is None and len(st.shape) == 2
+            and st.dtype in FLOAT_CODES and code in FLOAT_CODES and d.kind in ("linear", "conv1d", "embedding"))
+
+
+def stream_merge(tp: TensorPlan, ckpt: Checkpoint, writer: ShardWriter, lora: dict[str, torch.Tensor], code: str,
+                 safe: bool, space: Workspace) -> int:
+    """Merge a streamable tensor: ΔW whole in the worker's buffer, the weight read, merged, written per row block.
+
+    Only ΔW stays resident (the weight passes through a block at a time); the arithmetic is merge_block's,
+    the same as apply_delta's. Returns the bytes written.
+    Raises:
+        LorafitError: a safe merge produced NaN or Inf.
+    """
+    import torch
+
+    st, d = ckpt.tensors[tp.source], tp.deltas[0]
+    in_dt, out_dt = torch_dtype(st.dtype), torch_dtype(code)
+    n_rows, n_cols = st.shape
+    in_row, out_row = n_cols * DTYPE_SIZES[st.dtype], n_cols * DTYPE_SIZES[code]
+    full = product(lora[d.keys["A"]], lora[d.keys["B"]], d.kind, space.scratch)
+    round_first = adds_rounded_delta(d, safe)
+    for rows in row_blocks(n_rows, n_cols):
+        count = rows.stop - rows.start
+        raw = ckpt.read_range(tp.source, rows.start * in_row, count * in_row, space.read_buffer(count * in_row))
+        w = torch.frombuffer(raw, dtype=in_dt).view(count, n_cols).to(out_dt)
+        merge_block(w, full[rows], d.scaling, round_first)
+        if safe and not bool(torch.isfinite(w).all()):
+            raise LorafitError(f"NaN or Inf in the merged {tp.name}; the adapter is broken (safe merge refuses it)")
+        writer.write(tp.name, tensor_bytes(w), rows.start * out_row)
+    return n_rows * out_row
+
+
 class Workspace:
     """One worker's reusable buffers: the tensor read from the base, and ΔW."""
 
@@ -193,7 +229,11 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
         if name in plan.changes:
             if not hasattr(local, "space"):
                 local.space = Workspace()
-            data = tensor_bytes(compute(plan.changes[name], ckpt, adapter, lora, out_dtype, safe, local.space))
+            tp = plan.changes[name]
+            if streamable(tp, ckpt, codes[name]):
+                on_bytes(stream_merge(tp, ckpt, writer, lora, codes[name], safe, local.space))
+                return
+            data = tensor_bytes(compute(tp, ckpt, adapter, lora, out_dtype, safe, local.space))
             writer.write(name, data)
             on_bytes(len(data))
         elif codes[name] == st.dtype:

@@ -57,8 +57,11 @@ class Scratch:
 _BLOCK = 1 << 17
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, kind: str, scratch: Scratch | None) -> torch.Tensor:
-    """B @ A, as a view laid out like the base weight. With `scratch`, written into its buffer (the same matmul)."""
+def product(a: torch.Tensor, b: torch.Tensor, kind: str, scratch: Scratch | None = None) -> torch.Tensor:
+    """B @ A, as a view laid out like the base weight. With `scratch`, written into its buffer (the same matmul).
+
+    The matmul always runs whole: splitting it could change its rounding.
+    """
     import torch
 
     product = b @ a if scratch is None else torch.mm(b, a, out=scratch.take(b.shape[0], a.shape[1], b.dtype))
@@ -69,12 +72,34 @@ def delta_weight(a: torch.Tensor, b: torch.Tensor, scaling: float, kind: str,
                  scratch: Scratch | None = None) -> torch.Tensor:
     """ΔW of one module, laid out like the base weight: [out, in]; [in, out] for Conv1D; [vocab, dim] for Embedding."""
     # PEFT multiplies into a new tensor; scaling in place is the same elementwise product, one fp32 copy fewer.
-    return _product(a, b, kind, scratch).mul_(scaling)
+    return product(a, b, kind, scratch).mul_(scaling)
 
 
-def _row_blocks(weight: torch.Tensor) -> list[slice]:
-    rows = max(1, _BLOCK // max(1, weight.shape[-1]))
-    return [slice(i, i + rows) for i in range(0, weight.shape[0], rows)]
+def row_blocks(n_rows: int, n_cols: int) -> list[slice]:
+    """Row ranges of a [n_rows, n_cols] weight, each about 512 KiB of fp32: a block stays in cache."""
+    step = max(1, _BLOCK // max(1, n_cols))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
+def adds_rounded_delta(d: Delta, safe: bool) -> bool:
+    """True where PEFT rounds ΔW to the weight dtype before adding: safe merges, and every Embedding."""
+    return safe or d.kind == "embedding"
+
+
+def merge_block(w: torch.Tensor, delta: torch.Tensor, scaling: float, round_delta_first: bool) -> None:
+    """PEFT's elementwise merge on one block: w += scaling * delta, in place on both (`delta` is B @ A's rows).
+
+    Elementwise, so exact to split into blocks: the same bits as PEFT's whole-tensor operations.
+    """
+    delta.mul_(scaling)
+    if round_delta_first:
+        w += delta.to(w.dtype)
+    else:
+        # PEFT's `weight += delta` rounds fp(weight) + delta once to the weight dtype. Adding the weight into
+        # the fp32 delta (IEEE addition commutes) and copying back rounds the same sum the same way, with
+        # same-dtype kernels instead of a slow mixed-dtype in-place add.
+        delta.add_(w)
+        w.copy_(delta)
 
 
 def _dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, kind: str) -> torch.Tensor:
@@ -82,10 +107,8 @@ def _dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, ki
     import torch
 
     base = weight.clone()  # PEFT takes the norm of a copy of the unmerged weight
-    if kind == "embedding":
-        w = base.T + 1 * delta.T
-    elif kind == "conv1d":
-        w = base.T + 1 * delta.T
+    if kind in ("embedding", "conv1d"):
+        w = base.T + 1 * delta.T  # stored [vocab, dim] / [in, out]: the norm runs along the stored rows
     else:
         w = base + 1 * delta
     norm = torch.linalg.norm(w, dim=1).to(w.dtype)
@@ -123,19 +146,7 @@ def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tens
     if d.dora:
         delta = delta_weight(lora(d.keys["A"]), lora(d.keys["B"]), d.scaling, d.kind)
         return _dora(weight, delta, lora(d.keys["magnitude"]), d.kind)
-    product = _product(lora(d.keys["A"]), lora(d.keys["B"]), d.kind, scratch)
-    # The matmul runs whole (splitting it could change its rounding); the elementwise passes after it are exact
-    # to split, so they run block by block while the block is in cache.
-    cast_first = safe or d.kind == "embedding"  # PEFT rounds ΔW to the weight dtype before adding
-    for rows in _row_blocks(weight):
-        delta, w = product[rows], weight[rows]
-        delta.mul_(d.scaling)
-        if cast_first:
-            w += delta.to(w.dtype)
-        else:
-            # PEFT's `weight += delta` rounds fp(weight) + delta once to the weight dtype. Adding the weight into
-            # the fp32 delta (IEEE addition commutes) and copying back rounds the same sum the same way, with
-            # same-dtype kernels instead of a slow mixed-dtype in-place add.
-            delta.add_(w)
-            w.copy_(delta)
+    full = product(lora(d.keys["A"]), lora(d.keys["B"]), d.kind, scratch)
+    for rows in row_blocks(weight.shape[0], weight[0].numel()):
+        merge_block(weight[rows], full[rows], d.scaling, adds_rounded_delta(d, safe))
     return weight

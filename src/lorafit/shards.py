@@ -170,14 +170,16 @@ class Checkpoint:
         numel = st.nbytes // DTYPE_SIZES[st.dtype]
         return torch.frombuffer(buf, dtype=dtype, count=numel).reshape(st.shape)
 
-    def read_range(self, key: str, start: int, nbytes: int) -> bytearray:
-        """`nbytes` bytes of the tensor's data from byte `start` on (clipped to its end)."""
+    def read_range(self, key: str, start: int, nbytes: int, into: bytearray | None = None) -> memoryview:
+        """`nbytes` bytes of the tensor's data from byte `start` on (clipped to its end), in `into` if big enough."""
         st = self.tensors[key]
-        buf = bytearray(max(0, min(nbytes, st.nbytes - start)))
-        read_into(self.fd(st.path), memoryview(buf), st.offset + start, st.path)
-        return buf
+        n = max(0, min(nbytes, st.nbytes - start))
+        buf = into if into is not None and len(into) >= n else bytearray(n)
+        view = memoryview(buf)[:n]
+        read_into(self.fd(st.path), view, st.offset + start, st.path)
+        return view
 
-    def chunks(self, key: str, size: int = _CHUNK) -> Iterator[bytearray]:
+    def chunks(self, key: str, size: int = _CHUNK) -> Iterator[memoryview]:
         """The tensor's raw bytes in pieces of at most `size` bytes (copies and comparisons of any size)."""
         for start in range(0, self.tensors[key].nbytes, size):
             yield self.read_range(key, start, size)
@@ -345,4 +347,4 @@ class ShardWriter:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise LorafitError(f"cannot write {key!r} ({e.strerror})", path) from None
         for start in range(done, st.nbytes, _CHUNK):  # from where the kernel copy stopped
-            self.write(key, memoryview(src.read_range(src_key, start, _CHUNK)), start)
+            self.write(key, src.read_range(src_key, start, _CHUNK), start)
