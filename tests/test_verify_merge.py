@@ -57,7 +57,8 @@ def test_passes_on_lorafit_merge(llama: dict[str, Path]) -> None:
     assert report.ok, report.dumps()
     assert report.result["adapted"] == report.result["adapted_ok"] == 6
     assert report.result["bit_identical"] == report.result["tensors"] - 6
-    assert all(row["ok"] and not row["unchanged"] and row["max_ulps"] <= 1 for row in report.modules)
+    # one rounding of the exact sum: half an ulp, at most half an epsilon relative to the operands
+    assert all(row["ok"] and not row["unchanged"] and row["max_error_eps"] <= 0.5 for row in report.modules)
 
 
 @pytest.mark.parametrize("safe", [False, True], ids=["unsafe", "safe"])
@@ -104,7 +105,7 @@ def test_wrong_scaling_is_caught(llama: dict[str, Path], tmp_path: Path) -> None
     report = verify_merge(tmp_path / "m", llama["base"], llama["adapter"])
     assert report.codes() == ["merge-delta-wrong"]
     assert report.findings[0].count == 6 and "unchanged" not in report.findings[0].message
-    assert all(not row["ok"] and row["max_ulps"] > 2 for row in report.modules)
+    assert all(not row["ok"] and row["max_error_eps"] > 2 for row in report.modules)
 
 
 def test_half_the_layers_merged_is_caught(llama: dict[str, Path], tmp_path: Path) -> None:

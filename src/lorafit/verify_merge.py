@@ -1,16 +1,20 @@
 """verify-merge: prove that a merged checkpoint is the base plus the adapter, and nothing else.
 
 Independent of how the merge was made (lorafit, PEFT, another tool). Streaming: one tensor of each
-checkpoint at a time. For every tensor the adapter changes, the expected value is computed again in
-higher precision (fp32 for half-precision checkpoints, fp64 for fp32) with the plain formulas
-(W + s·B@A, DoRA's m/‖W+ΔW‖·(W+ΔW), a saved copy for modules_to_save), and the merged value must be
-within rounding of the checkpoint's dtype: one ulp at the result's magnitude plus one ulp at the
-delta's (a safe merge rounds ΔW first). Every other tensor must be bit-identical to the base.
+checkpoint at a time, worked through in row blocks. For every tensor the adapter changes, the expected
+value is computed again in higher precision (fp32 for half-precision checkpoints, fp64 for fp32) with the
+plain formulas (W + s·B@A, DoRA's m/‖W+ΔW‖·(W+ΔW), a saved copy for modules_to_save), and the merged
+value must be within rounding of the checkpoint's dtype: one ulp at the result, one at the delta (a safe
+merge rounds ΔW first), plus the error bound of the merge's own fp32 arithmetic. Every other tensor must
+be bit-identical to the base.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,61 +32,76 @@ from .target import resolve_model_dir
 if TYPE_CHECKING:
     import torch
 
-# DoRA's norm and factor are computed in the adapter dtype (fp32): allow this many of its ulps at the result.
+# DoRA's norm and factor are computed in the adapter dtype (fp32): allow this many of its epsilons at the result.
 _DORA_ULPS = 16.0
+_BLOCK = 1 << 18  # elements per block: the dozen temporaries of a block stay in cache
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype`'s numbers at |x| (elementwise, computed in x's precision)."""
+    """Spacing of `dtype`'s numbers at |x|, elementwise; x is fp32 or fp64 (read from its exponent bits).
+
+    The spacing is 2^(e - p + 1) for |x| in [2^e, 2^(e+1)) with p the precision of `dtype`; below `dtype`'s
+    smallest normal it is the subnormal spacing (floored at x's own smallest normal).
+    """
+    import math
+
     import torch
 
     fi = torch.finfo(dtype)
-    _, exp = torch.frexp(x.abs())
-    spacing = torch.ldexp(torch.full_like(x, fi.eps / 2), exp)
-    return torch.where(x.abs() < fi.tiny, torch.full_like(x, fi.tiny * fi.eps), spacing)
+    precision = round(-math.log2(fi.eps)) + 1
+    int_dt, mant, bias = (torch.int32, 23, 127) if x.dtype == torch.float32 else (torch.int64, 52, 1023)
+    floor = max(1, bias + round(math.log2(fi.tiny)) - precision + 1)
+    exponent = x.abs().view(int_dt) >> mant
+    return ((exponent - (precision - 1)).clamp_(min=floor) << mant).view(x.dtype)
 
 
-def expected_value(tp: TensorPlan, start: torch.Tensor, adapter: Adapter,
-                   hp: torch.dtype, ldt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """base (or its replacement) + every delta in `hp`, with the textbook formulas.
+@dataclass
+class _Factors:
+    """One delta's adapter tensors in the reference precision, read once per tensor."""
 
-    Returns:
-        (expected value, slack): slack bounds the rounding of the merge's own arithmetic in the adapter dtype
-        `ldt` (an r-term dot product per element of B @ A, DoRA's norm), which can exceed the checkpoint
-        dtype's ulp where the delta nearly cancels the weight.
-    """
-    import torch
-
-    w = start.to(hp)
-    slack = torch.zeros_like(w)
-    for d in tp.deltas:
-        w, extra = _apply(w, d, adapter, hp, ldt)
-        slack = slack + extra
-    return w, slack
+    d: Delta
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    abs_a: torch.Tensor | None = None
+    abs_b: torch.Tensor | None = None
+    extra: torch.Tensor | None = None  # lora_B.bias or the DoRA magnitude
 
 
-def _apply(w: torch.Tensor, d: Delta, adapter: Adapter, hp: torch.dtype,
-           ldt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(d: Delta, adapter: Adapter, hp: torch.dtype) -> _Factors:
     def t(role: str) -> torch.Tensor:
         return adapter.tensor(d.keys[role]).to(hp)
 
     if d.role == "bias":
-        change = d.scaling * t("bias")
-        return w + change, ulp(change, ldt)
+        return _Factors(d, extra=t("bias"))
     a, b = t("A"), t("B")
-    delta = d.scaling * (b @ a)  # [out, in]; an embedding's B @ A is [dim, vocab]
-    bound = a.shape[0] * ulp(d.scaling * (b.abs() @ a.abs()), ldt)  # fl(dot of r terms) error <= r u sum|terms|
-    if d.kind in ("conv1d", "embedding"):
-        delta, bound = delta.T, bound.T  # GPT-2's Conv1D stores [in, out]; an embedding [vocab, dim]
+    return _Factors(d, a, b, a.abs(), b.abs(), t("magnitude") if d.dora else None)
+
+
+def _apply(w: torch.Tensor, f: _Factors, rows: slice, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (rows `rows` of the tensor, in hp) with one delta applied, and a bound of the merge's own rounding
+    error in the adapter dtype, whose machine epsilon is `eps`."""
+    d = f.d
+    if d.role == "bias":
+        assert f.extra is not None
+        change = d.scaling * f.extra[rows]
+        return w + change, eps * change.abs()
+    assert f.a is not None and f.b is not None and f.abs_a is not None and f.abs_b is not None
+    if d.kind == "linear":  # weight [out, in]: rows are rows of B
+        delta = d.scaling * (f.b[rows] @ f.a)
+        size = d.scaling * (f.abs_b[rows] @ f.abs_a)
+    else:  # Conv1D [in, out] and Embedding [vocab, dim]: rows are columns of A
+        delta = (d.scaling * (f.b @ f.a[:, rows])).T
+        size = (d.scaling * (f.abs_b @ f.abs_a[:, rows])).T
+    bound = (f.a.shape[0] * eps) * size  # fl(dot of r terms) is within r units of roundoff of sum |terms|
     if not d.dora:
         return w + delta, bound
+    assert f.extra is not None
     v = w + delta
-    m = t("magnitude")
     if d.kind == "linear":
-        out = v * (m / v.norm(dim=1))[:, None]  # one norm per output row
+        out = v * (f.extra[rows] / v.norm(dim=1))[:, None]  # one norm per output row
     else:
-        out = v * (m / v.norm(dim=0))[None, :]  # per output column (Conv1D) or per embedding dimension
-    return out, bound + _DORA_ULPS * ulp(out, ldt)
+        out = v * (f.extra / v.norm(dim=0))[None, :]  # per output column (Conv1D) or embedding dimension
+    return out, bound + (_DORA_ULPS * eps) * out.abs()
 
 
 @dataclass
@@ -92,12 +111,12 @@ class _Row:
     ok: bool
     unchanged: bool
     max_abs_error: float
-    max_ulps: float
+    max_eps: float  # largest error relative to the operands' magnitude, in units of the dtype's epsilon
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.name, "modules": self.modules, "ok": self.ok, "unchanged": self.unchanged,
-                "max_abs_error": self.max_abs_error, "max_ulps": round(self.max_ulps, 3), "note": self.note}
+                "max_abs_error": self.max_abs_error, "max_error_eps": round(self.max_eps, 3), "note": self.note}
 
 
 def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter: Adapter) -> _Row:
@@ -105,29 +124,47 @@ def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter:
 
     modules = [d.module + (".bias" if d.role == "bias" else "") for d in tp.deltas]
     got = merged.read(tp.name)
-    want_shape = base.tensors[tp.source].shape
-    if tuple(got.shape) != tuple(want_shape):
+    want_shape = tuple(base.tensors[tp.source].shape)
+    if tuple(got.shape) != want_shape:
         return _Row(tp.name, modules, False, False, float("inf"), float("inf"),
                     f"shape {list(got.shape)}, base {list(want_shape)}")
     dt = got.dtype
     if not dt.is_floating_point:
         return _Row(tp.name, modules, False, False, float("inf"), float("inf"), f"stored as {dt}")
     hp = torch.float64 if dt in (torch.float32, torch.float64) else torch.float32
-    ldt = lora_dtype(dt)
+    eps, ldt_eps = torch.finfo(dt).eps, torch.finfo(lora_dtype(dt)).eps
     base_value = base.read(tp.source).to(dt)
     start = adapter.tensor(tp.replace).to(dt) if tp.replace is not None else base_value
     unchanged = torch.equal(got, base_value)
-    expected, slack = expected_value(tp, start, adapter, hp, ldt)
-    err = (got.to(hp) - expected).abs()
-    # Rounding to the checkpoint dtype: the result once, and the delta once more for a safe merge.
-    tol = ulp(expected, dt) + ulp(expected - start.to(hp), dt) + slack
-    if tp.replace is not None and not tp.deltas:
-        tol = torch.zeros_like(tol)  # a saved copy is loaded by an exact cast: nothing to round
-    ok = bool((err <= tol).all()) and not bool(torch.isnan(got).any() and not torch.isnan(expected).any())
-    # Reported in ulps at the magnitude of the operands (where W + ΔW cancels, the result's own ulp is tiny).
-    scale = ulp(torch.maximum(expected.abs(), start.to(hp).abs()), dt)
-    max_ulps = float((err / scale).max()) if err.numel() else 0.0
-    return _Row(tp.name, modules, ok, unchanged, float(err.max()) if err.numel() else 0.0, max_ulps)
+    exact = tp.replace is not None and not tp.deltas  # a saved copy is loaded by an exact cast: nothing to round
+    factors = [_factors(d, adapter, hp) for d in tp.deltas]
+    whole = got.dim() < 2 or any(d.dora and d.kind != "linear" for d in tp.deltas)  # column norms need all rows
+    step = got.shape[0] if whole else max(1, _BLOCK // max(1, got[0].numel()))
+    ok, max_err, max_rel = True, 0.0, 0.0
+    for r0 in range(0, got.shape[0], step):
+        rows = slice(r0, r0 + step)
+        s = start[rows].to(hp)
+        w, slack = s, torch.zeros_like(s)
+        for f in factors:
+            w, extra = _apply(w, f, rows, ldt_eps)
+            slack += extra
+        err = (got[rows].to(hp) - w).abs()
+        if not err.numel():
+            continue
+        if exact:
+            ok = ok and bool((err == 0).all())
+        else:
+            # tolerance = ulp(w) + ulp(w - s) + slack. ulp(x) >= |x| eps/2, so elements within this lower bound
+            # pass; only the rest (few or none) need the exact ulps. NaN fails both comparisons, as it should.
+            change = (w - s).abs()
+            suspect = err > (w.abs() + change) * (eps / 2) + slack
+            if bool(suspect.any()):
+                tol = ulp(w[suspect], dt) + ulp((w - s)[suspect], dt) + slack[suspect]
+                ok = ok and bool((err[suspect] <= tol).all())
+        magnitude = torch.maximum(w.abs(), s.abs())
+        max_err = max(max_err, float(err.max()))
+        max_rel = max(max_rel, float((err / magnitude.clamp_min(torch.finfo(dt).tiny)).max()) / eps)
+    return _Row(tp.name, modules, ok, unchanged, max_err, max_rel)
 
 
 def _bit_identical(base: Checkpoint, key: str, merged: Checkpoint, mkey: str) -> bool:
@@ -139,9 +176,12 @@ def _bit_identical(base: Checkpoint, key: str, merged: Checkpoint, mkey: str) ->
         return False
     if b.dtype == m.dtype:
         return all(x == y for x, y in zip(base.chunks(key), merged.chunks(mkey), strict=True))
-    bsize, msize = b.nbytes // max(1, _numel(b.shape)), m.nbytes // max(1, _numel(m.shape))
+    numel = 1
+    for n in b.shape:
+        numel *= n
+    bsize, msize = b.nbytes // max(1, numel), m.nbytes // max(1, numel)
     step = _CHUNK // max(bsize, msize)
-    for i in range(0, _numel(b.shape), step):
+    for i in range(0, numel, step):
         x = torch.frombuffer(base.read_range(key, i * bsize, step * bsize), dtype=torch_dtype(b.dtype))
         y = merged.read_range(mkey, i * msize, step * msize)
         if bytes(x.to(torch_dtype(m.dtype)).view(torch.uint8).numpy()) != bytes(y):
@@ -149,15 +189,8 @@ def _bit_identical(base: Checkpoint, key: str, merged: Checkpoint, mkey: str) ->
     return True
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | Path, class_name: str | None = None,
-                 key_mapping: Sequence[str] | dict[str, str] | None = None) -> Report:
+                 key_mapping: Sequence[str] | dict[str, str] | None = None, workers: int = 2) -> Report:
     """Prove that `merged` is `base` with `adapter` merged: adapted weights within rounding, the rest bit-equal.
 
     Args:
@@ -165,56 +198,72 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
         base: the base model directory (or cached hub id).
         adapter: adapter dir, cached hub id, or Adapter.
         class_name, key_mapping: as for merge (which class the adapter is aligned against).
+        workers: tensors checked at once (threads).
     Returns:
         a Report (command "verify-merge") with one row per adapted tensor (max error, in ulps) and the findings
         merge-unchanged, merge-delta-wrong, merge-extra-change, merge-missing-tensor.
     Raises:
-        LorafitError: unreadable inputs (missing or truncated shards, no adapter).
+        LorafitError: unreadable inputs (missing or truncated shards, no adapter), or an adapter that changes
+            no tensor of the base.
     """
-    import json
+    import torch
 
     merged_dir, model_dir = Path(merged), resolve_model_dir(base)
     with Checkpoint.open(model_dir) as bck, Checkpoint.open(merged_dir) as mck:
         checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
         a = checked.adapter
         plan = build_plan(a, checked.tree, checked.alignment.chosen, list(bck.tensors), model_dir)
+        if not plan.changes:
+            raise LorafitError("the adapter changes no tensor of this base (run `lorafit check`)", a.path)
         missing = [n for n in plan.order if n not in mck.tensors]
-        changed = [n for n in plan.order if n not in plan.changes and n not in missing
-                   and not _bit_identical(bck, plan.sources[n], mck, n)]
-        changed += [f"{n} (not in the base)" for n in mck.tensors if n not in plan.sources]
-        rows = [_check_tensor(tp, bck, mck, a) for n, tp in plan.changes.items() if n not in missing]
+        same = [n for n in plan.order if n not in plan.changes and n not in missing]
+        adapted = [tp for n, tp in plan.changes.items() if n not in missing]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                identical = list(pool.map(lambda n: _bit_identical(bck, plan.sources[n], mck, n), same))
+                rows = list(pool.map(lambda tp: _check_tensor(tp, bck, mck, a), adapted))
+        finally:
+            torch.set_num_threads(threads)
+    changed = [n for n, eq in zip(same, identical, strict=True) if not eq]
+    changed += [f"{n} (not in the base)" for n in mck.tensors if n not in plan.sources]
+    findings = _findings(rows, changed, missing, plan.untied, merged_dir, a, base)
+    bad = sum(not r.ok for r in rows)
+    return Report("verify-merge", adapter=checked.report.adapter, target=checked.report.target,
+                  alignment=alignment_summary(checked.alignment), findings=findings,
+                  modules=[r.to_json() for r in rows],
+                  result={"merged": str(merged_dir), "tensors": len(plan.order), "adapted": len(rows),
+                          "adapted_ok": len(rows) - bad, "bit_identical": sum(identical),
+                          "max_error_eps": max((r.max_eps for r in rows), default=0.0)})
+
+
+def _findings(rows: list[_Row], changed: list[str], missing: list[str], untied: list[str], merged_dir: Path,
+              adapter: Adapter, base: str | Path) -> list[Finding]:
     findings: list[Finding] = []
     bad = [r for r in rows if not r.ok]
     if rows and len(bad) == len(rows) and all(r.unchanged for r in bad):
         findings.append(Finding("merge-unchanged", f"all {len(rows)} tensors the adapter changes are bit-identical to "
                                 "the base: the adapter was not merged", [r.name for r in bad],
-                                hint=f"lorafit merge {a.path} --base {base} -o MERGED"))
+                                hint=f"lorafit merge {adapter.path} --base {base} -o MERGED"))
     elif bad:
         same = [r for r in bad if r.unchanged]
-        worst = max(bad, key=lambda r: r.max_ulps)
+        worst = max(bad, key=lambda r: r.max_eps)
         detail = f"{len(same)} of them unchanged from the base (not merged); " if same else ""
         findings.append(Finding("merge-delta-wrong", f"{len(bad)} of {len(rows)} adapted tensors differ from "
                                 f"base + ΔW beyond dtype rounding: {detail}worst {worst.name} off by "
-                                f"{worst.max_abs_error:.3g} ({worst.max_ulps:.3g} ulp) {worst.note}".rstrip(),
+                                f"{worst.max_abs_error:.3g} ({worst.max_eps:.3g} eps) {worst.note}".rstrip(),
                                 [r.name for r in sorted(bad, key=lambda r: not r.unchanged)]))
-    if plan.untied and (merged_dir / "config.json").exists():
+    if untied and (merged_dir / "config.json").exists():
         config = json.loads((merged_dir / "config.json").read_text())
         if config.get("tie_word_embeddings", True) is not False:
             findings.append(Finding("merge-delta-wrong", "the merged embeddings are no longer tied, but config.json "
                                     "does not say tie_word_embeddings=false: loading ties them again and loses the "
-                                    "trained side", plan.untied))
+                                    "trained side", untied))
     if changed:
         findings.append(Finding("merge-extra-change", f"{len(changed)} tensors the adapter does not touch differ "
                                 "from the base", changed))
     if missing:
         findings.append(Finding("merge-missing-tensor", f"{len(missing)} base tensors are missing from the merged "
                                 "checkpoint", missing))
-    if not rows and not plan.changes:
-        raise LorafitError("the adapter changes no tensor of this base (run `lorafit check`)", a.path)
-    return Report("verify-merge", adapter=checked.report.adapter, target=checked.report.target,
-                  alignment=alignment_summary(checked.alignment), findings=findings,
-                  modules=[r.to_json() for r in rows],
-                  result={"merged": str(merged_dir), "tensors": len(plan.order), "adapted": len(rows),
-                          "adapted_ok": len(rows) - len(bad), "bit_identical": len(plan.order) - len(plan.changes)
-                          - len(missing) - len([c for c in changed if not c.endswith("(not in the base)")]),
-                          "max_ulps": max((r.max_ulps for r in rows), default=0.0)})
+    return findings
