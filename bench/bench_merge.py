@@ -31,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -167,12 +168,15 @@ def run(cmd: list[str], label: str, cache: Path | None = None) -> dict[str, Any]
     """Run `cmd` after settle(); wall time and the child's peak RSS (ru_maxrss, KiB on Linux) from wait4."""
     settle()
     env = {**ENV, "LORAFIT_CACHE": str(cache)} if cache else ENV
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-    assert proc.stdout is not None and proc.stderr is not None
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    out, err = proc.stdout.read().decode(errors="replace"), proc.stderr.read().decode(errors="replace")
+    # Output goes to files, not pipes: a child that fills a pipe nobody reads until wait4 returns never ends.
+    with tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=fout, stderr=ferr, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        fout.seek(0)
+        ferr.seek(0)
+        out, err = fout.read().decode(errors="replace"), ferr.read().decode(errors="replace")
     code = os.waitstatus_to_exitcode(status)
     print(f"  {label:<52} {wall:8.2f} s {usage.ru_maxrss / 1024:9.1f} MB  exit {code}", flush=True)
     if code not in (0, 1):
