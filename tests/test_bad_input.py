@@ -149,7 +149,7 @@ BROKEN: list[tuple[str, Callable[[Path], None], str, str]] = [
     ("peft-type-ia3", lambda p: _write_config(p, _config(p) | {"peft_type": "IA3"}), "adapter_config.json",
      "'IA3' is not supported"),
     ("r-not-a-number", lambda p: _write_config(p, _config(p) | {"r": "four"}), "adapter_config.json",
-     "r must be a number"),
+     "r must be a finite number"),
     ("weights-missing", lambda p: (p / "adapter_model.safetensors").unlink(), "", "weights file missing"),
     ("safetensors-truncated", _truncate, "adapter_model.safetensors", "truncated"),
     ("safetensors-garbage-header", _garbage_header, "adapter_model.safetensors", "corrupt safetensors"),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import patterns
 from .align import Entry
+from .config_check import validate_config
 from .errors import AdapterFormatError, AdapterNotFoundError, LorafitError
 from .io import TensorInfo, hf_hub_cache_dir, read_safetensors_header
 from .peft_schema import peft_types
@@ -79,7 +80,7 @@ class ExtraTensor:
     module: str
     param: str
     info: TensorInfo
-    kind: str  # "modules_to_save" | "embedding_base" | "other"
+    kind: str  # "modules_to_save" | "embedding_base" | "trainable_tokens" | "other"
 
 
 @dataclass
@@ -178,7 +179,10 @@ def read_config(path: Path) -> dict[str, Any]:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.exists():
         raise AdapterNotFoundError(f"{CONFIG_NAME} is missing", path)
-    text = cfg_path.read_text(errors="replace")
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AdapterFormatError("is not UTF-8 text", cfg_path) from None
     if not text.strip():
         raise AdapterFormatError("is empty", cfg_path)
     try:
@@ -198,9 +202,7 @@ def read_config(path: Path) -> dict[str, Any]:
         if str(peft_type).upper() in peft_types():
             raise AdapterFormatError(f"peft_type {peft_type!r} is not supported: lorafit reads LoRA adapters", cfg_path)
         raise AdapterFormatError(f"unknown peft_type {peft_type!r} (this PEFT knows LORA, IA3, ADALORA, ...)", cfg_path)
-    for name in ("r", "lora_alpha"):
-        if name in config and not isinstance(config[name], (int, float)):
-            raise AdapterFormatError(f"{name} must be a number, got {config[name]!r}", cfg_path)
+    validate_config(config, cfg_path)
     return config
 
 
@@ -303,6 +305,8 @@ def _group_modules(adapter: Adapter) -> None:
                 kind = "modules_to_save"
             elif module.endswith(".base_layer"):
                 kind = "embedding_base"
+            elif module.endswith(".token_adapter"):
+                kind = "trainable_tokens"
             adapter.extras.append(ExtraTensor(key, module, param, info, kind))
             continue
         _check_ndim(key, role, info, adapter.weights_path)
@@ -334,6 +338,8 @@ def ensure_adapter(adapter: Adapter | str | Path) -> Adapter:
 
 def entries_of(adapter: Adapter) -> list[Entry]:
     """What the adapter wants to land, as plain alignment entries: LoRA modules, then saved tensors."""
-    out = [Entry(m.path, m.kind, m.in_features, m.out_features) for m in adapter.modules.values()]
-    out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key) for x in adapter.extras]
+    out = [Entry(m.path, m.kind, m.in_features, m.out_features,
+                 prefixed=all(k.startswith(PEFT_PREFIX) for k in m.keys.values())) for m in adapter.modules.values()]
+    out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key,
+                  prefixed=x.key.startswith(PEFT_PREFIX)) for x in adapter.extras]
     return out

@@ -35,6 +35,7 @@ class Entry:
     param: str | None = None  # for kind "tensor": parameter name and shape
     shape: tuple[int, ...] | None = None
     key: str | None = None  # for kind "tensor": the checkpoint key
+    prefixed: bool = True  # saved under `base_model.model.`; PeftModel.from_pretrained matches nothing else
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Rewrite:
 
     def to_json(self) -> dict[str, Any]:
         if self.regexes:
-            return {"type": "regex", "mapping": [list(r) for r in self.regexes]}
+            return {"type": "regex", "mapping": [list(r) for r in self.regexes], "description": self.describe()}
         if self.table:
             return {"type": "load-time-conversion", "renamed": len(self.table), "description": self.describe()}
         out: dict[str, Any] = {"type": "prefix", "from": self.src, "to": self.dst, "description": self.describe()}
@@ -145,17 +146,33 @@ class Alignment:
     @property
     def needs_rewrite(self) -> bool:
         """True when landing needs a rewrite beyond what stock PEFT does by itself."""
-        return self.chosen.rewrite != self.as_is.rewrite
+        return self.chosen is not self.as_is
+
+
+# PEFT saves some tensors inside its wrapper of a module: a targeted embedding's base weight under
+# `<path>.base_layer.weight`, trainable tokens under `<path>.token_adapter.trainable_tokens_delta`.
+WRAPPER_SUFFIXES = (".base_layer", ".token_adapter")
+
+
+def split_wrapper(module: str) -> tuple[str, str]:
+    """(the wrapped module's path, the wrapper suffix or '')."""
+    for suffix in WRAPPER_SUFFIXES:
+        if module.endswith(suffix):
+            return module[: -len(suffix)], suffix
+    return module, ""
 
 
 def _tree_key(entry: Entry) -> str:
-    # PEFT saves a targeted embedding's base weight under `<path>.base_layer.weight`.
-    return entry.path.removesuffix(".base_layer") if entry.kind == "tensor" else entry.path
+    return split_wrapper(entry.path)[0] if entry.kind == "tensor" else entry.path
 
 
 def _fits(entry: Entry, tree: ModuleTree, path: str) -> str | None:
     """None when `entry` fits the tree module at `path`; otherwise what does not agree."""
     info = tree.modules[path]
+    if entry.kind == "tensor" and entry.param == "trainable_tokens_delta":
+        # [n tokens, embedding dim]: fits any embedding of that width (token indices are checked by PEFT).
+        ok = info.kind == "Embedding" and entry.shape is not None and entry.shape[-1] == info.out_features
+        return None if ok else f"{info.kind}({info.in_features}->{info.out_features}) cannot take trainable tokens"
     if entry.kind == "tensor":
         have = info.params.get(entry.param or "")
         if have is None:
@@ -169,13 +186,17 @@ def _fits(entry: Entry, tree: ModuleTree, path: str) -> str | None:
 
 
 def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
-                  config: Mapping[str, Any] | None = None) -> Mapping_:
-    """Land every entry under `rewrite`; collect pairs, drops, shape conflicts, collisions and misses."""
+                  config: Mapping[str, Any] | None = None, stock: bool = False) -> Mapping_:
+    """Land every entry under `rewrite`; collect pairs, drops, shape conflicts, collisions and misses.
+
+    With stock=True, entries saved without PEFT's key prefix land nowhere, as in PeftModel.from_pretrained;
+    otherwise they are judged as lorafit will write them (with the prefix).
+    """
     m = Mapping_(rewrite)
     owners: dict[str, list[str]] = {}
     for e in entries:
         target = rewrite.apply(_tree_key(e))
-        if target not in tree.modules:
+        if target not in tree.modules or (stock and not e.prefixed):
             (m.unmatched_tensors if e.kind == "tensor" else m.unmatched).append(e.key or e.path)
             continue
         problem = _fits(e, tree, target)
@@ -260,7 +281,8 @@ def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] 
     Returns:
         the Alignment: as_is (what stock PEFT does), the chosen rewrite, ambiguities and rejected candidates.
     """
-    as_is = apply_rewrite(entries, tree, Rewrite(table=tuple(sorted((load_renames or {}).items()))), config)
+    as_is = apply_rewrite(entries, tree, Rewrite(table=tuple(sorted((load_renames or {}).items()))), config,
+                          stock=True)
     if key_mapping:
         chosen = apply_rewrite(entries, tree, Rewrite(regexes=tuple(key_mapping)), config)
         return Alignment(as_is=as_is, chosen=chosen, total=len(entries))
@@ -290,7 +312,10 @@ def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] 
 def _best_rewrite(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] | None,
                   as_is: Mapping_) -> Alignment:
     """The single prefix rule that lands the most entries (identity on a tie), with ambiguities and losers."""
-    scored = [as_is] + [apply_rewrite(entries, tree, r, config) for r in candidate_rewrites(entries, tree)[1:]]
+    candidates = candidate_rewrites(entries, tree)
+    if all(e.prefixed for e in entries):
+        candidates = candidates[1:]  # identity is as_is itself
+    scored = [as_is] + [apply_rewrite(entries, tree, r, config) for r in candidates]
     # A rewrite that is a simpler one plus a further rename ('model.layers.0.' -> 'layers.1.' beside 'strip
     # model.') is out when the simpler one finds the paths of as many entries: the extra rename is unjustified,
     # and taking it to dodge a shape conflict would land the adapter on the wrong layer without a word.

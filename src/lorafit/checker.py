@@ -30,11 +30,15 @@ def parse_key_mapping(items: Sequence[str] | dict[str, str] | None) -> list[tupl
                 raise LorafitError(f"--key-mapping {item!r} must look like REGEX=REPLACEMENT")
             pattern, repl = item.split("=", 1)
             pairs.append((pattern, repl))
-    for pattern, _ in pairs:
+    for pattern, repl in pairs:
         try:
             re.compile(pattern)
         except re.error as e:
             raise LorafitError(f"--key-mapping {pattern!r} is not a valid regex ({e})") from None
+        try:  # an optional group always matches, so expand() checks the replacement's group references
+            re.compile(f"(?:{pattern})?").match("").expand(repl)  # type: ignore[union-attr]
+        except (re.error, IndexError) as e:
+            raise LorafitError(f"--key-mapping replacement {repl!r} does not fit {pattern!r} ({e})") from None
     return pairs
 
 

@@ -17,7 +17,7 @@ import typer
 from .errors import AdapterMismatchError, LorafitError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
     help="Make sure a LoRA adapter really lands on the model it is loaded into.\n\n"
          "Exit codes: 0 clean, 1 an error finding, 2 bad input or usage. Nothing is ever downloaded.",
 )
@@ -72,8 +72,20 @@ def _run(fn: Callable[[], Any], as_json: bool, show_modules: bool = False) -> No
         typer.echo(f"lorafit: error: {e}", err=True)
         raise typer.Exit(2) from None
     except AdapterMismatchError as e:
-        typer.echo(f"lorafit: {e}", err=True)
-        raise typer.Exit(1) from None
+        from .report import Report
+
+        if not isinstance(e.report, Report):
+            typer.echo(f"lorafit: {e}", err=True)
+            raise typer.Exit(1) from None
+        report = e.report
+    except Exception as e:
+        if os.environ.get("LORAFIT_DEBUG"):
+            raise
+        # A case no rule foresaw: still one line, never a traceback; LORAFIT_DEBUG=1 shows it.
+        first = (str(e).splitlines() or [""])[0][:300]
+        typer.echo(f"lorafit: error: unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the "
+                   "traceback; please report it)", err=True)
+        raise typer.Exit(2) from None
     _emit(report, as_json, show_modules)
 
 

@@ -25,6 +25,10 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _verb(n: int, singular: str, plural: str) -> str:
+    return singular if n == 1 else plural
+
+
 # ----------------------------------------------------------------------------- adapter alone
 
 def rule_health(adapter: Adapter, health: Health) -> list[Finding]:
@@ -101,9 +105,11 @@ def rule_structure(adapter: Adapter) -> list[Finding]:
                                "PEFT; an older PEFT refuses the config, a newer feature may be ignored", unknown,
                                hint="upgrade peft, or delete the fields if they are unused"))
     if adapter.unprefixed_keys:
-        out.append(Finding("unprefixed-keys", f"{_plural(len(adapter.unprefixed_keys), 'key')} lack the "
-                           "'base_model.model.' prefix that PeftModel.from_pretrained expects",
-                           adapter.unprefixed_keys))
+        n = len(adapter.unprefixed_keys)
+        out.append(Finding("unprefixed-keys", f"{_plural(n, 'key')} {_verb(n, 'lacks', 'lack')} the "
+                           "'base_model.model.' prefix that PeftModel.from_pretrained matches: it loads none of "
+                           "them and leaves those modules at their init values", adapter.unprefixed_keys,
+                           hint=f"lorafit fix {adapter.path} --base MODEL -o OUT writes them with the prefix"))
     return out
 
 
@@ -128,8 +134,9 @@ def rule_coverage(adapter: Adapter, tree: ModuleTree, m: Mapping_, fix_hint: str
     mts_keys = {x.key for x in adapter.extras if x.kind == "modules_to_save"}
     dropped = m.unmatched + [k for k in m.unmatched_tensors if k not in mts_keys]
     if dropped:
-        out.append(Finding("dropped-tensors", f"{_plural(len(dropped), 'adapter module')} have no module "
-                           f"of that path in {tree.class_name}; PEFT drops them without a word", dropped,
+        out.append(Finding("dropped-tensors", f"{_plural(len(dropped), 'adapter module or tensor')} "
+                           f"{_verb(len(dropped), 'has', 'have')} no module of that path in {tree.class_name}; "
+                           "PEFT drops them without a word", dropped,
                            hint=fix_hint))
     if m.missing:
         init = ("lora_A and lora_B keep the random values of init_lora_weights=false"
@@ -152,7 +159,8 @@ def rule_coverage(adapter: Adapter, tree: ModuleTree, m: Mapping_, fix_hint: str
                            hint="model.resize_token_embeddings(len(tokenizer)) before loading, with the "
                            "training tokenizer"))
     if shapes:
-        out.append(Finding("shape-mismatch", f"{_plural(len(shapes), 'module')} disagree in shape with the target",
+        out.append(Finding("shape-mismatch", f"{_plural(len(shapes), 'module')} "
+                           f"{_verb(len(shapes), 'disagrees', 'disagree')} in shape with the target",
                            [f"{c.adapter_path} -> {c.target_path}: adapter {c.expected}, target {c.actual}"
                             for c in shapes], hint="check that --base is the model the adapter was trained on"))
     if m.collisions:
@@ -215,16 +223,27 @@ def rule_task_type(adapter: Adapter, tree: ModuleTree, class_hint: str) -> list[
 
 
 def rule_tied(adapter: Adapter, tree: ModuleTree, m: Mapping_) -> list[Finding]:
-    if not tree.tie_word_embeddings:
+    if not tree.tie_word_embeddings or adapter.config.get("ensure_weight_tying"):
         return []
     emb = {tree.input_embeddings, tree.output_embeddings} - {None}
     touched = sorted({t for t in list(m.pairs.values()) + list(m.tensor_pairs.values()) if t in emb})
     if not touched:
         return []
-    return [Finding("tied-embeddings", f"{tree.class_name} ties its input and output embeddings, and the adapter "
-                    f"changes {', '.join(touched)}: a merge unties them, and PEFT adapts only the named side",
-                    touched, hint="set ensure_weight_tying=True in the LoraConfig when training, or merge with "
-                    "lorafit merge, which unties explicitly")]
+    return [Finding("tied-embeddings", f"{tree.class_name} ties its input and output embeddings and the adapter "
+                    f"changes {', '.join(touched)} only: unmerged, PEFT adapts just that side; merged into the "
+                    "shared weight, a LoRA delta reaches both sides (outputs change), and a trained copy unties them",
+                    touched, hint="train with LoraConfig(ensure_weight_tying=True) to adapt both sides alike")]
+
+
+def rule_targets_nothing(adapter: Adapter, tree: ModuleTree, m: Mapping_, hint: str | None) -> list[Finding]:
+    """target_modules that select no module of the target: PEFT refuses to inject at all."""
+    if not adapter.modules or m.pairs or m.missing:
+        return []
+    if any(info.lora_kind and patterns.is_targeted(adapter.config, p) for p, info in tree.modules.items()):
+        return []
+    return [Finding("targets-nothing", f"target_modules {adapter.config.get('target_modules')!r} (with "
+                    f"layers_to_transform / exclude_modules) selects no module of {tree.class_name}: "
+                    "PeftModel.from_pretrained raises ValueError (no target module found)", hint=hint)]
 
 
 def _layouts(adapter: Adapter, tree: ModuleTree, src: str, dst: str) -> tuple[str, str]:
@@ -257,20 +276,27 @@ def layout_findings(adapter: Adapter, tree: ModuleTree, al: Alignment,
                            f"({chosen.score} of {al.total}); lorafit will not guess",
                            [o.rewrite.describe() for o in options],
                            hint="choose one with --key-mapping '^PREFIX=NEWPREFIX'"))
-    elif fixable:
+    elif fixable and not chosen.rewrite.is_identity:  # identity: only the key prefix was missing (unprefixed-keys)
         saved, target = _layouts(adapter, tree, chosen.rewrite.src, chosen.rewrite.dst)
         out.append(Finding("layout-mismatch", f"the adapter was saved for {saved}; it is being loaded into "
                            f"{target}. As saved, {as_is.score} of {al.total} land; after "
                            f"'{chosen.rewrite.describe()}', {chosen.score} of {al.total} land",
                            [f"{p} -> {chosen.pairs[p]}" for p in list(chosen.pairs)[:3]], hint=hint))
     out += rule_coverage(adapter, tree, as_is, hint)
+    out += rule_targets_nothing(adapter, tree, as_is, hint)
     out += rule_patterns(adapter, as_is)
+    if chosen.rewrite.regexes and not fixable:
+        # The user chose the mapping: say what it fails to land, even when it lands less than the keys as saved.
+        for f in rule_coverage(adapter, tree, chosen, None):
+            f.message = f"with --key-mapping '{chosen.rewrite.describe()}': {f.message}"
+            out.append(f)
     if fixable:
         # What the rewrite cannot mend is reported on its own terms, so fix can refuse with a reason.
-        residual = [f for f in rule_coverage(adapter, tree, chosen, None)]
-        for f in residual:
-            f.message = f"even after '{chosen.rewrite.describe()}': {f.message}"
-        out += [f for f in residual if f.code != "missing-adapter-weights" or chosen.missing]
+        seen = {(f.code, tuple(f.keys)) for f in out}
+        for f in rule_coverage(adapter, tree, chosen, None):
+            if (f.code, tuple(f.keys)) not in seen:  # the same drop as saved needs saying once
+                f.message = f"even after '{chosen.rewrite.describe()}': {f.message}"
+                out.append(f)
     return out
 
 

@@ -21,10 +21,11 @@ CATALOG: dict[str, tuple[str, str]] = {
     "bias-mismatch": (WARNING, "lora_bias disagrees with the lora_B.bias tensors present"),
     "modules-to-save-not-saved": (WARNING, "modules_to_save names modules with no saved tensors"),
     "unknown-config-field": (WARNING, "config fields this PEFT version does not know"),
-    "unprefixed-keys": (WARNING, "tensor keys without the base_model.model. prefix PEFT expects"),
+    "unprefixed-keys": (ERROR, "tensor keys without the base_model.model. prefix PeftModel.from_pretrained matches"),
     # adapter x target (check)
     "layout-mismatch": (ERROR, "the adapter was saved for another module layout"),
     "ambiguous-layout": (ERROR, "more than one rewrite lands the adapter equally well"),
+    "targets-nothing": (ERROR, "target_modules selects no module of the target: PEFT raises on load"),
     "dropped-tensors": (ERROR, "adapter tensors that PEFT would drop (unexpected keys)"),
     "missing-adapter-weights": (ERROR, "targeted modules that would keep their init values"),
     "shape-mismatch": (ERROR, "in/out features disagree with the target module"),

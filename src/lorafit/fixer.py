@@ -16,15 +16,17 @@ from typing import Any
 
 from . import __version__, patterns
 from .adapter import BIN_NAME, CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, Adapter, read_adapter, split_key
-from .align import Mapping_, Rewrite
+from .align import Mapping_, Rewrite, split_wrapper
 from .checker import Checked, run_check, run_check_for
 from .diagnose import wrapped_without_tensors
 from .findings import Finding
 from .io import atomic_output_dir, write_json
 from .report import Report
+from .target import resolve_model_dir
 
 # The findings fix is answerable for: after a fix none of these may remain.
 LANDING_CODES = {
+    "unprefixed-keys", "targets-nothing",
     "layout-mismatch", "ambiguous-layout", "dropped-tensors", "missing-adapter-weights", "shape-mismatch",
     "embedding-size", "pattern-mismatch", "modules-to-save-absent", "task-type-incompatible",
     "task-type-mismatch",
@@ -55,7 +57,7 @@ def remap_keys(adapter: Adapter, m: Mapping_) -> dict[str, str]:
         if role is not None and module in m.pairs:
             new_module = m.pairs[module]
         elif key in m.tensor_pairs:
-            new_module = m.tensor_pairs[key] + (".base_layer" if module.endswith(".base_layer") else "")
+            new_module = m.tensor_pairs[key] + split_wrapper(module)[1]
         else:
             new_module = module
         out[key] = f"{PEFT_PREFIX}{new_module}.{suffix}"
@@ -145,9 +147,13 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
     report.command = "fix"
     out = Path(out)
     if checked.alignment.ambiguous:
+        report.result = {"written": False, "out": str(out)}
         return report
     try:
-        with atomic_output_dir(out, force=force) as tmp:
+        inputs = [checked.adapter.path]
+        if isinstance(base, (str, Path)):
+            inputs.append(resolve_model_dir(base))
+        with atomic_output_dir(out, force=force, protect=inputs) as tmp:
             provenance = write_fixed(checked, tmp)
             after = _recheck(checked, tmp)
             blocking = [f for f in after.findings if f.severity == "error"]
@@ -164,7 +170,10 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
     before = [f for f in report.findings if f.code in LANDING_CODES]
     report.findings = list(after.findings)
     mended = ", ".join(sorted({f.code for f in before})) or "none: the adapter already landed, copied as is"
-    report.findings.append(Finding("fixed", f"wrote {out} ({checked.alignment.chosen.rewrite.describe()}); "
+    how = checked.alignment.chosen.rewrite.describe()
+    if checked.adapter.unprefixed_keys:
+        how += ", keys under base_model.model."
+    report.findings.append(Finding("fixed", f"wrote {out} ({how}); "
                                    f"mended: {mended}"))
     report.result = {"written": True, "out": str(out), **provenance}
     return report

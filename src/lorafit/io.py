@@ -7,7 +7,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,14 +112,22 @@ def hf_hub_cache_dir() -> str:
 
 
 @contextmanager
-def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: Path, force: bool = False, protect: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a temp dir next to `out`; on success it replaces `out` in one rename, on failure it vanishes.
+
+    `protect` names the inputs: `out` may be none of them and contain none of them, even with force,
+    because replacing `out` would delete them.
 
     Raises:
         OutputExistsError: `out` exists and force is False.
-        LorafitError: the parent of `out` cannot be written.
+        LorafitError: `out` is or contains an input, or the parent of `out` cannot be written.
     """
     out = Path(out)
+    target = out.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if p == target or target in p.parents:
+            raise LorafitError(f"output would replace the input {p}; write somewhere else", out)
     if out.exists() and not force:
         raise OutputExistsError("output already exists; pass --force to overwrite it", out)
     parent = out.resolve().parent

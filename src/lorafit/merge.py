@@ -334,7 +334,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
         total = sum(s.size for s in shards)
         bar = _Progress(total, progress)
         try:
-            with atomic_output_dir(out, force=force) as tmp:
+            with atomic_output_dir(out, force=force, protect=[model_dir, checked.adapter.path]) as tmp:
                 writer = ShardWriter(tmp, shards)
                 try:
                     execute(plan, ckpt, checked.adapter, writer, codes, out_dtype, safe_merge, workers, bar.add)

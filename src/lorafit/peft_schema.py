@@ -71,6 +71,20 @@ def peft_types() -> frozenset[str]:
     return frozenset(names) or _FALLBACK_PEFT_TYPES
 
 
+@lru_cache(maxsize=1)
+def task_types() -> frozenset[str]:
+    """Members of this PEFT's TaskType enum (empty when they cannot be read: then nothing is refused)."""
+    root = _peft_root()
+    try:
+        assert root is not None
+        node = _class_node(ast.parse((root / "utils" / "peft_types.py").read_text()), "TaskType")
+        assert node is not None
+    except (AssertionError, OSError, SyntaxError):
+        return frozenset()
+    return frozenset(t.id for n in node.body if isinstance(n, ast.Assign) for t in n.targets
+                     if isinstance(t, ast.Name))
+
+
 def peft_version() -> str | None:
     """The installed PEFT's version, from its metadata (no import)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -89,6 +89,10 @@ def resolve_class(name: str, config: Any) -> type:
 
     if not issubclass(obj, PreTrainedModel):
         raise UnknownClassError(f"{name!r} is not a transformers model class")
+    wants = getattr(obj, "config_class", None)
+    if isinstance(wants, type) and not isinstance(config, wants):
+        raise UnknownClassError(f"{name} is a {getattr(wants, 'model_type', wants.__name__)!r} class, but the base "
+                                f"model is {config.model_type!r}; pass an Auto class or a {config.model_type} class")
     return obj
 
 

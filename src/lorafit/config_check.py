@@ -1,0 +1,76 @@
+"""Validate the adapter_config.json fields that PEFT and lorafit interpret, before any rule uses them.
+
+A field of the wrong type or a regex that does not compile would otherwise surface as a TypeError or
+re.error deep inside a rule; here it becomes one line naming the file and the field (exit 2).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import AdapterFormatError
+from .peft_schema import task_types
+
+
+def _regex(value: str, field: str, path: Path) -> None:
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise AdapterFormatError(f"{field} {value!r} is not a valid regex ({e})", path) from None
+
+
+def _names(config: dict[str, Any], field: str, path: Path, regex_if_str: bool) -> None:
+    """A list of module names, or (for target/exclude_modules) one regex string, or null."""
+    value = config.get(field)
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not regex_if_str:
+            raise AdapterFormatError(f"{field} must be a list of module names, got the string {value!r}", path)
+        _regex(value, field, path)
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AdapterFormatError(f"{field} must be a list of module names or a regex string, got {value!r}", path)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(config: dict[str, Any], path: Path) -> None:
+    """Raise AdapterFormatError for the first field PEFT would choke on (or lorafit could not judge)."""
+    for name in ("r", "lora_alpha"):
+        if name in config and not _number(config[name]):
+            raise AdapterFormatError(f"{name} must be a finite number, got {config[name]!r}", path)
+    if "r" in config and (not isinstance(config["r"], int) or config["r"] <= 0):
+        raise AdapterFormatError(f"r must be a positive integer, got {config['r']!r}", path)
+    task = config.get("task_type")
+    known = task_types()
+    if task is not None and (not isinstance(task, str) or (known and task not in known)):
+        raise AdapterFormatError(f"task_type {task!r} is not a PEFT task type ({', '.join(sorted(known))} or "
+                                 "null); PEFT raises ValueError on it", path)
+    for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = config.get(name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            raise AdapterFormatError(f"{name} must be an object of module pattern -> number, got {pattern!r}", path)
+        for key, value in pattern.items():
+            _regex(key, f"{name} key", path)
+            if not _number(value) or (kind is int and not isinstance(value, int)):
+                raise AdapterFormatError(f"{name}[{key!r}] must be a{'n integer' if kind is int else ' number'}, "
+                                         f"got {value!r}", path)
+    _names(config, "target_modules", path, regex_if_str=True)
+    _names(config, "exclude_modules", path, regex_if_str=True)
+    _names(config, "modules_to_save", path, regex_if_str=False)
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(x, int) for x in layers)):
+        raise AdapterFormatError(f"layers_to_transform must be an integer or a list of integers, got {layers!r}", path)
+    pattern = config.get("layers_pattern")
+    if pattern is not None and not isinstance(pattern, str) and not (
+            isinstance(pattern, list) and all(isinstance(x, str) for x in pattern)):
+        raise AdapterFormatError(f"layers_pattern must be a string or a list of strings, got {pattern!r}", path)
