@@ -29,10 +29,12 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -164,25 +166,41 @@ def settle(max_wait: float = 600.0) -> None:
         pass
 
 
-def run(cmd: list[str], label: str, cache: Path | None = None) -> dict[str, Any]:
-    """Run `cmd` after settle(); wall time and the child's peak RSS (ru_maxrss, KiB on Linux) from wait4."""
-    settle()
+def run(cmd: list[str], label: str, cache: Path | None = None, repeat: int = 1, cold: bool = False,
+        before: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run `cmd` `repeat` times, each after settle(): best and median wall, CPU time, peak RSS (wait4).
+
+    cache: the LORAFIT_CACHE to use; cold=True empties it before every run. before: called before every run
+    (e.g. to delete the previous run's output).
+    """
     env = {**ENV, "LORAFIT_CACHE": str(cache)} if cache else ENV
-    # Output goes to files, not pipes: a child that fills a pipe nobody reads until wait4 returns never ends.
-    with tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=fout, stderr=ferr, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        fout.seek(0)
-        ferr.seek(0)
-        out, err = fout.read().decode(errors="replace"), ferr.read().decode(errors="replace")
-    code = os.waitstatus_to_exitcode(status)
-    print(f"  {label:<52} {wall:8.2f} s {usage.ru_maxrss / 1024:9.1f} MB  exit {code}", flush=True)
-    if code not in (0, 1):
-        print(err[-2000:], file=sys.stderr)
-    return {"job": label, "wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "exit": code,
-            "stdout": out}
+    walls, cpus, rss, out, err, code = [], [], [], "", "", 0
+    for _ in range(repeat):
+        if before:
+            before()
+        if cold and cache:
+            shutil.rmtree(cache, ignore_errors=True)
+        settle()
+        # Output goes to files, not pipes: a child that fills a pipe nobody reads until wait4 returns never ends.
+        with tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env, stdout=fout, stderr=ferr, cwd=ROOT)
+            _, status, usage = os.wait4(proc.pid, 0)
+            walls.append(time.perf_counter() - t0)
+            fout.seek(0)
+            ferr.seek(0)
+            out, err = fout.read().decode(errors="replace"), ferr.read().decode(errors="replace")
+        cpus.append(usage.ru_utime + usage.ru_stime)
+        rss.append(usage.ru_maxrss / 1024)
+        code = os.waitstatus_to_exitcode(status)
+        if code not in (0, 1):
+            print(err[-2000:], file=sys.stderr)
+    row = {"job": label, "wall_s": round(min(walls), 2), "wall_median_s": round(statistics.median(walls), 2),
+           "cpu_s": round(min(cpus), 2), "peak_rss_mb": round(max(rss), 1), "runs": len(walls), "exit": code,
+           "stdout": out}
+    print(f"  {label:<52} best {row['wall_s']:7.2f} s  median {row['wall_median_s']:7.2f} s  cpu {row['cpu_s']:7.2f} s"
+          f"  {row['peak_rss_mb']:8.1f} MB  exit {code}", flush=True)
+    return row
 
 
 def compare_outputs(a: Path, b: Path) -> tuple[int, list[str]]:
@@ -207,6 +225,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (default: delete it at the end)")
     ap.add_argument("--workers", type=int, default=2, help="lorafit merge --workers")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each timed job (best and median reported)")
     args = ap.parse_args()
     work: Path = args.work
     base, adapter = work / "base-1b", work / "adapter-1b"
@@ -232,14 +251,24 @@ def main() -> None:
     for o in [*outs.values(), caches]:
         shutil.rmtree(o, ignore_errors=True)
 
-    print("jobs (wall, peak RSS):", flush=True)
-    rows["import"] = run([PY, "-c", "import torch, transformers"], "import floor: import torch, transformers")
-    rows["cp"] = run(["cp", "-r", str(base), str(outs["cp"])], "cp -r base (I/O floor)")
-    shutil.rmtree(outs["cp"])
+    k = args.repeat
+
+    def clear(path: Path) -> Callable[[], None]:
+        return lambda: shutil.rmtree(path, ignore_errors=True)
+
+    print(f"jobs (each run {k} times; best and median wall, CPU time, peak RSS):", flush=True)
+    rows["import"] = run([PY, "-c", "import torch, transformers"], "import floor: import torch, transformers",
+                         repeat=k)
+    rows["cp"] = run(["cp", "-r", str(base), str(outs["cp"])], "cp -r base (I/O floor)", repeat=k,
+                     before=clear(outs["cp"]))
     rows["merge"] = run([*lorafit, "merge", str(adapter), "--base", str(base), "-o", str(outs["lorafit"]), "--json",
-                         "--workers", str(args.workers)], "lorafit merge (cold tree cache)", caches / "merge")
+                         "--workers", str(args.workers)], "lorafit merge (cold tree cache)", caches / "merge",
+                        repeat=k, cold=True, before=clear(outs["lorafit"]))
+    rows["merge-warm"] = run([*lorafit, "merge", str(adapter), "--base", str(base), "-o", str(outs["lorafit"]),
+                              "--json", "--workers", str(args.workers)], "lorafit merge (warm tree cache)",
+                             caches / "merge", repeat=k, before=clear(outs["lorafit"]))
     rows["peft"] = run([PY, "-c", STOCK_MERGE, str(base), str(adapter), str(outs["peft"])],
-                       "stock PEFT merge_and_unload + save_pretrained")
+                       "stock PEFT merge_and_unload + save_pretrained", repeat=k, before=clear(outs["peft"]))
     n, bad = compare_outputs(outs["lorafit"], outs["peft"])
     print(f"  lorafit vs PEFT output: {n} tensors compared, {len(bad)} differ {bad[:3]}", flush=True)
     rows["verify"] = run([*lorafit, "verify-merge", str(outs["lorafit"]), "--base", str(base), "--adapter",
@@ -247,12 +276,14 @@ def main() -> None:
     for o in outs.values():
         shutil.rmtree(o, ignore_errors=True)
     rows["stock-check"] = run([PY, "-c", STOCK_CHECK, str(base), str(adapter)],
-                              "stock check 1B (load base + PeftModel.from_pretrained)")
+                              "stock check 1B (load base + PeftModel.from_pretrained)", repeat=k)
     for shape in ("1b", "8b", "70b"):
         model = base if shape == "1b" else work / f"config-{shape}"
         cmd = [*lorafit, "check", str(work / f"adapter-{shape}"), "--base", str(model), "--json"]
-        rows[f"check-{shape}"] = run(cmd, f"lorafit check {shape.upper()} (cold tree cache)", caches / shape)
-        rows[f"check-{shape}-warm"] = run(cmd, f"lorafit check {shape.upper()} (warm tree cache)", caches / shape)
+        rows[f"check-{shape}"] = run(cmd, f"lorafit check {shape.upper()} (cold tree cache)", caches / shape,
+                                     repeat=k, cold=True)
+        rows[f"check-{shape}-warm"] = run(cmd, f"lorafit check {shape.upper()} (warm tree cache)", caches / shape,
+                                          repeat=k)
     report = render(rows, base_bytes, n, bad, args.workers)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -277,10 +308,14 @@ def _json(row: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def _cells(r: dict[str, Any]) -> str:
+    return f"{r['wall_s']} | {r['wall_median_s']} | {r['cpu_s']} | {r['peak_rss_mb']}"
+
+
 def render(rows: dict[str, dict[str, Any]], base_bytes: int, compared: int, bad: list[str], workers: int) -> str:
-    m, p, c = rows["merge"], rows["peft"], rows["cp"]
-    sc = rows["stock-check"]
+    m, mw, p, c, sc = rows["merge"], rows["merge-warm"], rows["peft"], rows["cp"], rows["stock-check"]
     summary = _json(m).get("result", {})
+    runs = m["runs"]
     lines = [
         "# lorafit merge / check benchmark",
         "",
@@ -288,46 +323,56 @@ def render(rows: dict[str, dict[str, Any]], base_bytes: int, compared: int, bad:
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python "
         f"{platform.python_version()}. Synthetic LlamaForCausalLM-shaped base: hidden 2048, 16 layers, "
         f"intermediate 8192, vocab 32000, bf16, {base_bytes / 1e9:.2f} GB in 2 GB shards; adapter r=16 on "
-        "q,k,v,o,gate,up,down (112 modules, fp32). Each job is its own process, started after `sync` and an idle "
-        "CPU; peak RSS is the kernel's high-water mark (wait4 ru_maxrss). Page cache warm for all jobs. "
-        f"lorafit merge: --workers {workers}; cold = empty lorafit tree cache (imports transformers, builds the "
-        "tree on the meta device), warm = second run.",
+        "q,k,v,o,gate,up,down (112 modules, fp32). Each job is its own process, run "
+        f"{runs} times, each after `sync` and an idle CPU (the machine is shared: other users' jobs start "
+        "mid-run, so the best of the runs is the estimate, the median shows the spread). Peak RSS is the kernel's "
+        "high-water mark (wait4 ru_maxrss), the largest of the runs. Page cache warm for all jobs. "
+        f"lorafit merge --workers {workers}. Cold = empty lorafit tree cache (the process imports transformers and "
+        "builds the model tree on the meta device); warm = the cache filled by an earlier run.",
         "",
-        "| job | wall (s) | peak RSS (MB) | compared |",
-        "|---|---:|---:|---|",
-        f"| lorafit merge (cold) | {m['wall_s']} | {m['peak_rss_mb']} | wall {ratio(m['wall_s'], p['wall_s'])} PEFT, "
+        "| job | wall best (s) | wall median (s) | CPU (s) | peak RSS (MB) | compared |",
+        "|---|---:|---:|---:|---:|---|",
+        f"| lorafit merge (cold) | {_cells(m)} | wall {ratio(m['wall_s'], p['wall_s'])} PEFT, "
         f"{ratio(m['wall_s'], c['wall_s'])} cp; RSS {100 * m['peak_rss_mb'] / p['peak_rss_mb']:.0f}% of PEFT |",
-        f"| stock PEFT merge_and_unload + save_pretrained | {p['wall_s']} | {p['peak_rss_mb']} | |",
-        f"| cp -r base (I/O floor) | {c['wall_s']} | {c['peak_rss_mb']} | |",
-        f"| import floor (`import torch, transformers`) | {rows['import']['wall_s']} | "
-        f"{rows['import']['peak_rss_mb']} | |",
-        f"| lorafit verify-merge of lorafit's output | {rows['verify']['wall_s']} | {rows['verify']['peak_rss_mb']} "
-        f"| ok={_json(rows['verify']).get('ok')} |",
-        f"| stock check 1B (load base + PeftModel.from_pretrained) | {sc['wall_s']} | {sc['peak_rss_mb']} | |",
+        f"| lorafit merge (warm) | {_cells(mw)} | wall {ratio(mw['wall_s'], p['wall_s'])} PEFT, "
+        f"{ratio(mw['wall_s'], c['wall_s'])} cp; RSS {100 * mw['peak_rss_mb'] / p['peak_rss_mb']:.0f}% of PEFT |",
+        f"| stock PEFT merge_and_unload + save_pretrained | {_cells(p)} | |",
+        f"| cp -r base (I/O floor) | {_cells(c)} | |",
+        f"| import floor (`import torch, transformers`) | {_cells(rows['import'])} | |",
+        f"| lorafit verify-merge of lorafit's output (1 run) | {_cells(rows['verify'])} | "
+        f"ok={_json(rows['verify']).get('ok')} |",
+        f"| stock check 1B (load base + PeftModel.from_pretrained) | {_cells(sc)} | |",
     ]
     for shape in ("1b", "8b", "70b"):
         for tag, key in (("cold", f"check-{shape}"), ("warm", f"check-{shape}-warm")):
             r = rows[key]
+            one = rows["check-1b-warm" if tag == "warm" else "check-1b"]
             vs = (f"{ratio(sc['wall_s'], r['wall_s'])} faster than stock" if shape == "1b"
-                  else f"{ratio(r['wall_s'], rows['check-1b-warm' if tag == 'warm' else 'check-1b']['wall_s'])} "
-                  f"the 1B {tag} time")
+                  else f"{ratio(r['wall_s'], one['wall_s'])} the 1B {tag} time")
             lines.append(f"| lorafit check {shape.upper()} ({tag}{', config only' if shape != '1b' else ''}) | "
-                         f"{r['wall_s']} | {r['peak_rss_mb']} | {vs}; ok={_json(r).get('ok')} |")
+                         f"{_cells(r)} | {vs}; ok={_json(r).get('ok')} |")
     mb_s = summary.get("bytes_per_s")
     lines += [
         "",
         f"lorafit's merged checkpoint vs PEFT's: {compared} tensors compared bit for bit, {len(bad)} differ"
         + (f" ({', '.join(bad[:5])})" if bad else "") + "."
-        + (f" lorafit merge's own timer (after imports and check): {summary.get('seconds')} s, "
-           f"{mb_s / 1e6:.0f} MB/s." if mb_s else ""),
+        + (" lorafit merge's own timer (last cold run; from reading the base's headers to the renamed output, "
+           "the check and the imports it triggers included, Python start-up and the CLI's own imports not): "
+           f"{summary.get('seconds')} s, "
+           f"{mb_s / 1e6:.0f} MB/s of output." if mb_s else ""),
         "",
         "| target | result |",
         "|---|---|",
-        f"| merge peak RSS <= 25% of PEFT's | {_ok(m['peak_rss_mb'] <= 0.25 * p['peak_rss_mb'])} "
-        f"({100 * m['peak_rss_mb'] / p['peak_rss_mb']:.0f}%) |",
-        f"| merge wall <= 0.8x PEFT's | {_ok(m['wall_s'] <= 0.8 * p['wall_s'])} ({ratio(m['wall_s'], p['wall_s'])}) |",
-        f"| merge wall within 2x of cp | {_ok(m['wall_s'] <= 2 * c['wall_s'])} ({ratio(m['wall_s'], c['wall_s'])}) |",
     ]
+    for tag, r in (("cold", m), ("warm", mw)):
+        lines += [
+            f"| merge peak RSS <= 25% of PEFT's ({tag}) | {_ok(r['peak_rss_mb'] <= 0.25 * p['peak_rss_mb'])} "
+            f"({100 * r['peak_rss_mb'] / p['peak_rss_mb']:.0f}%) |",
+            f"| merge wall <= 0.8x PEFT's ({tag}) | {_ok(r['wall_s'] <= 0.8 * p['wall_s'])} "
+            f"({ratio(r['wall_s'], p['wall_s'])}) |",
+            f"| merge wall within 2x of cp ({tag}) | {_ok(r['wall_s'] <= 2 * c['wall_s'])} "
+            f"({ratio(r['wall_s'], c['wall_s'])}) |",
+        ]
     for tag, suffix in (("cold", ""), ("warm", "-warm")):
         one = rows[f"check-1b{suffix}"]
         lines.append(f"| check >= 3x faster than stock on 1B ({tag}) | {_ok(sc['wall_s'] >= 3 * one['wall_s'])} "
