@@ -1,4 +1,4 @@
-"""lorafit merge is bit-identical to PEFT's merge_and_unload(): every layer kind on Llama, GPT-2 and BERT.
+"""lorafit merge is bit-identical to PEFT's merge_and_unload(): every layer kind on Llama, GPT-2, OPT and BERT.
 
 Real PEFT is the oracle: each case merges with stock PEFT and compares every tensor bit for bit.
 """
@@ -116,6 +116,8 @@ CASES: list[tuple[str, str, torch.dtype | None, dict[str, Any], dict[str, Any], 
     ("gpt2-tied-mts", "gpt2", None, {}, {"target_modules": ["c_fc"], "modules_to_save": ["lm_head"]},
      ("modules_to_save",)),
     ("gpt2-lora-bias", "gpt2", BF16, {}, {"lora_bias": True}, ()),
+    ("opt-tied-embedding", "opt", BF16, {}, {"target_modules": ["embed_tokens", "q_proj", "fc2"]}, ()),
+    ("opt-tied-mts", "opt", None, {}, {"modules_to_save": ["lm_head"]}, ("modules_to_save",)),
     ("bert-fp32", "bert", None, {}, {}, ()),
     ("bert-bf16-dora-mts", "bert", BF16, {}, {"use_dora": True, "modules_to_save": ["classifier"]},
      ("lora_magnitude_vector", "modules_to_save")),

@@ -77,14 +77,21 @@ def _factors(d: Delta, adapter: Adapter, hp: torch.dtype) -> _Factors:
     return _Factors(d, a, b, a.abs(), b.abs(), t("magnitude") if d.dora else None)
 
 
-def _apply(w: torch.Tensor, f: _Factors, rows: slice, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (rows `rows` of the tensor, in hp) with one delta applied, and a bound of the merge's own rounding
-    error in the adapter dtype, whose machine epsilon is `eps`."""
+def _apply(w: torch.Tensor, f: _Factors, rows: slice,
+           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (rows `rows` of the tensor, in hp) with one delta applied.
+
+    Returns:
+        (new w, bound of the merge's own rounding error in the adapter dtype whose machine epsilon is `eps`,
+        magnitude of the terms summed: s·|B|·|A|, which can dwarf |W| and |W'| where the dot product cancels).
+    """
+    import torch
+
     d = f.d
     if d.role == "bias":
         assert f.extra is not None
         change = d.scaling * f.extra[rows]
-        return w + change, eps * change.abs()
+        return w + change, eps * change.abs(), change.abs()
     assert f.a is not None and f.b is not None and f.abs_a is not None and f.abs_b is not None
     if d.kind == "linear":  # weight [out, in]: rows are rows of B
         delta = d.scaling * (f.b[rows] @ f.a)
@@ -94,14 +101,14 @@ def _apply(w: torch.Tensor, f: _Factors, rows: slice, eps: float) -> tuple[torch
         size = (d.scaling * (f.abs_b @ f.abs_a[:, rows])).T
     bound = (f.a.shape[0] * eps) * size  # fl(dot of r terms) is within r units of roundoff of sum |terms|
     if not d.dora:
-        return w + delta, bound
+        return w + delta, bound, size
     assert f.extra is not None
     v = w + delta
     if d.kind == "linear":
         out = v * (f.extra[rows] / v.norm(dim=1))[:, None]  # one norm per output row
     else:
         out = v * (f.extra / v.norm(dim=0))[None, :]  # per output column (Conv1D) or embedding dimension
-    return out, bound + (_DORA_ULPS * eps) * out.abs()
+    return out, bound + (_DORA_ULPS * eps) * out.abs(), torch.maximum(size, v.abs())
 
 
 @dataclass
@@ -111,7 +118,7 @@ class _Row:
     ok: bool
     unchanged: bool
     max_abs_error: float
-    max_eps: float  # largest error relative to the operands' magnitude, in units of the dtype's epsilon
+    max_eps: float  # largest error relative to the largest quantity in the computation, in dtype epsilons
     note: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -144,10 +151,11 @@ def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter:
     for r0 in range(0, got.shape[0], step):
         rows = slice(r0, r0 + step)
         s = start[rows].to(hp)
-        w, slack = s, torch.zeros_like(s)
+        w, slack, size = s, torch.zeros_like(s), s.abs()
         for f in factors:
-            w, extra = _apply(w, f, rows, ldt_eps)
+            w, extra, terms = _apply(w, f, rows, ldt_eps)
             slack += extra
+            size = torch.maximum(size, terms)
         err = (got[rows].to(hp) - w).abs()
         if not err.numel():
             continue
@@ -161,7 +169,7 @@ def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter:
             if bool(suspect.any()):
                 tol = ulp(w[suspect], dt) + ulp((w - s)[suspect], dt) + slack[suspect]
                 ok = ok and bool((err[suspect] <= tol).all())
-        magnitude = torch.maximum(w.abs(), s.abs())
+        magnitude = torch.maximum(w.abs(), size)  # the largest quantity the merge computed with
         max_err = max(max_err, float(err.max()))
         max_rel = max(max_rel, float((err / magnitude.clamp_min(torch.finfo(dt).tiny)).max()) / eps)
     return _Row(tp.name, modules, ok, unchanged, max_err, max_rel)
