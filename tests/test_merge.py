@@ -116,6 +116,7 @@ CASES: list[tuple[str, str, torch.dtype | None, dict[str, Any], dict[str, Any], 
     ("gpt2-tied-mts", "gpt2", None, {}, {"target_modules": ["c_fc"], "modules_to_save": ["lm_head"]},
      ("modules_to_save",)),
     ("gpt2-lora-bias", "gpt2", BF16, {}, {"lora_bias": True}, ()),
+    ("gpt2-bias-all", "gpt2", None, {}, {"bias": "all"}, ("bias",)),
     ("opt-tied-embedding", "opt", BF16, {}, {"target_modules": ["embed_tokens", "q_proj", "fc2"]}, ()),
     ("opt-tied-mts", "opt", None, {}, {"modules_to_save": ["lm_head"]}, ("modules_to_save",)),
     ("bert-fp32", "bert", None, {}, {}, ()),
@@ -153,6 +154,30 @@ def test_merge_of_adapter_saved_in_bf16(tmp_path: Path, bases: dict[str, Path]) 
     pm = make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
     pm.to(BF16).save_pretrained(tmp_path / "a")
     assert merge(tmp_path / "a", bases["llama"], tmp_path / "out").ok
+    assert_bit_exact(tmp_path / "out", oracle(bases["llama"], "AutoModelForCausalLM", tmp_path / "a"),
+                     "AutoModelForCausalLM")
+
+
+def test_merge_of_bin_adapter(tmp_path: Path, bases: dict[str, Path]) -> None:
+    pm = make_adapter(bases["gpt2"], "AutoModelForCausalLM", tmp_path / "a")
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    pm.save_pretrained(tmp_path / "a", safe_serialization=False)
+    assert (tmp_path / "a" / "adapter_model.bin").exists()
+    assert merge(tmp_path / "a", bases["gpt2"], tmp_path / "out").ok
+    assert_bit_exact(tmp_path / "out", oracle(bases["gpt2"], "AutoModelForCausalLM", tmp_path / "a"),
+                     "AutoModelForCausalLM")
+
+
+def test_saved_embedding_base_layer_is_loaded_then_merged(tmp_path: Path, bases: dict[str, Path]) -> None:
+    """save_embedding_layers=True stores the (trained) base embedding: PEFT loads it, then merges the LoRA on it."""
+    pm = make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
+    with torch.no_grad():
+        pm.base_model.model.model.embed_tokens.base_layer.weight.add_(0.5)
+    pm.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    report = merge(tmp_path / "a", bases["llama"], tmp_path / "out")
+    assert report.ok, report.dumps()
+    row = next(r for r in report.modules if r["path"] == "model.embed_tokens.weight")
+    assert row["replaced_by"] and row["modules"] == ["model.embed_tokens"]
     assert_bit_exact(tmp_path / "out", oracle(bases["llama"], "AutoModelForCausalLM", tmp_path / "a"),
                      "AutoModelForCausalLM")
 
