@@ -16,7 +16,7 @@ from helpers import cli, cli_json
 from lorafit.findings import CATALOG
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["inspect", "check", "fix", "verify", "demo"]
+COMMANDS = ["inspect", "check", "fix", "verify", "merge", "verify-merge", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -102,6 +102,7 @@ def test_json_is_pure_stdout(bases: dict[str, Path], tmp_path: Path) -> None:
 
 def test_api_names_survive_submodule_imports() -> None:
     """A submodule named like an API function would replace it on import (lorafit.fix -> module)."""
-    out = _python("import lorafit, lorafit.load, lorafit.checker, lorafit.fixer, lorafit.cli; "
+    out = _python("import importlib, pkgutil, lorafit; "
+                  "[importlib.import_module(f'lorafit.{m.name}') for m in pkgutil.iter_modules(lorafit.__path__)]; "
                   "print(all(callable(getattr(lorafit, n)) for n in lorafit.__all__ if n != '__version__'))")
     assert out == "True"

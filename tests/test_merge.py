@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import HEAD_CLASS, load_model, make_adapter, save_base
+from lorafit import merge
 from lorafit.cli import app
-from lorafit.merge import merge
 
 BF16 = torch.bfloat16
 

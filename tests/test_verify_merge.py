@@ -14,9 +14,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import load_model, make_adapter, save_base
+from lorafit import merge, verify_merge
 from lorafit.cli import app
-from lorafit.merge import merge
-from lorafit.verify_merge import verify_merge
 
 CLS = "AutoModelForCausalLM"
 

@@ -53,14 +53,14 @@ def verify(peft_model: Any, adapter: Any, adapter_name: str | None = None, probe
 
 
 def merge(adapter: Any, base: Any, out: Any, **kwargs: Any) -> Report:
-    """See lorafit.merge.merge."""
-    from .merge import merge as _merge
+    """See lorafit.merger.merge."""
+    from .merger import merge as _merge
 
     return _merge(adapter, base, out, **kwargs)
 
 
 def verify_merge(merged: Any, base: Any, adapter: Any, **kwargs: Any) -> Report:
-    """See lorafit.verify_merge.verify_merge."""
-    from .verify_merge import verify_merge as _vm
+    """See lorafit.merge_verifier.verify_merge."""
+    from .merge_verifier import verify_merge as _vm
 
     return _vm(merged, base, adapter, **kwargs)

@@ -198,7 +198,7 @@ def merge(adapter: AdapterArg, base: BaseOpt,
     Streams the base tensor by tensor (memory: about one tensor per worker plus the adapter). Refuses, with
     exit code 1, when check finds an error; OUT appears only when complete.
     """
-    from .merge import merge as run
+    from .merger import merge as run
 
     progress = not as_json and sys.stderr.isatty()
     _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
@@ -214,7 +214,7 @@ def verify_merge(merged: Annotated[str, typer.Argument(help="Directory of the me
                      "--class", "-c", help="As for merge: default, the class the base was saved with.")] = None,
                  key_mapping: MapOpt = None, as_json: JsonOpt = False) -> None:
     """Prove MERGED == BASE + ADAPTER: adapted weights within dtype rounding, every other tensor bit-identical."""
-    from .verify_merge import verify_merge as run
+    from .merge_verifier import verify_merge as run
 
     _run(lambda: run(merged, base, adapter, class_name=class_name, key_mapping=key_mapping), as_json)
 
