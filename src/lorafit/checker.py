@@ -16,6 +16,7 @@ from .diagnose import adapter_findings, target_findings
 from .errors import LorafitError
 from .health import Health, tensor_health
 from .report import Report, ranges
+from .target import default_class_name
 from .tree import ModuleTree
 
 
@@ -135,25 +136,19 @@ def run_check(adapter: Adapter | str | Path, tree: ModuleTree, class_name: str,
 
     def fix_cmd() -> str:
         cmd = ["lorafit", "fix", str(a.path), "--base", base or "MODEL", "--class", class_name,
-               "-o", f"{a.path.name}-{class_name.lower()}"]
+               "-o", str(a.path.parent / f"{a.path.name}-{class_name.lower()}")]
         for p, r in key_mapping:
             cmd += ["--key-mapping", f"{p}={r}"]
         return shlex.join(cmd)
 
     auto = tree.implied_task_type
     class_hint = (f"lorafit fix rewrites task_type to {auto or 'null'}; or load with the class the adapter was "
-                  f"trained with (--class {_class_for_task(a.task_type)})")
+                  f"trained with (--class {default_class_name(a.task_type)})")
     findings = adapter_findings(a, health) + target_findings(a, tree, al, fix_cmd, class_hint)
     target = tree.summary() | {"requested_class": class_name}
     report = Report("check", adapter=adapter_summary(a, health), target=target,
                     alignment=alignment_summary(al), findings=findings, modules=module_rows(a, health))
     return Checked(report, a, tree, al, class_name, model)
-
-
-def _class_for_task(task: str | None) -> str:
-    from .target import default_class_name
-
-    return default_class_name(task)
 
 
 def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | None = None,
@@ -192,7 +187,7 @@ def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_n
     a = ensure_adapter(adapter)
     mapping = parse_key_mapping(key_mapping)
     if isinstance(base, (str, Path)):
-        from .target import default_class_name, tree_from_pretrained
+        from .target import tree_from_pretrained
 
         name = class_name or default_class_name(a.task_type)
         tree = tree_from_pretrained(base, name)

@@ -106,16 +106,15 @@ def build_meta_model(cls: type, config: Any) -> Any:
         return cls(config)
 
 
-def tree_from_pretrained(model: str | Path, class_name: str | None = None,
-                         task_type: str | None = None) -> ModuleTree:
-    """Build the ModuleTree of `class_name` (default: what task_type implies) for a local or cached model.
+def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
+    """Build the ModuleTree of `class_name` for a local or cached model.
 
     No weight is read. Raises ModelNotFoundError, UnknownClassError, LorafitError.
     """
     from . import tree_cache
 
     model_dir = resolve_model_dir(model)
-    name = class_name or default_class_name(task_type)
+    name = class_name
     key = tree_cache.cache_key((model_dir / "config.json").read_bytes(), name)
     cached = tree_cache.load(key)
     if cached is not None:
