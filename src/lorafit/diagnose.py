@@ -134,8 +134,11 @@ def rule_coverage(adapter: Adapter, tree: ModuleTree, m: Mapping_, fix_hint: str
     mts_keys = {x.key for x in adapter.extras if x.kind == "modules_to_save"}
     dropped = m.unmatched + [k for k in m.unmatched_tensors if k not in mts_keys]
     if dropped:
-        out.append(Finding("dropped-tensors", f"{_plural(len(dropped), 'adapter module or tensor')} "
-                           f"{_verb(len(dropped), 'has', 'have')} no module of that path in {tree.class_name}; "
+        tensors = len(dropped) - len(m.unmatched)
+        what = " and ".join(x for x in (_plural(len(m.unmatched), "adapter module") if m.unmatched else "",
+                                        _plural(tensors, "saved tensor") if tensors else "") if x)
+        out.append(Finding("dropped-tensors", f"{what} {_verb(len(dropped), 'has', 'have')} no module of that "
+                           f"path in {tree.class_name}; "
                            "PEFT drops them without a word", dropped,
                            hint=fix_hint))
     if m.missing:
