@@ -55,34 +55,29 @@ def lora_config_fields() -> frozenset[str] | None:
     return frozenset(fields)
 
 
+def _enum_members(name: str) -> frozenset[str]:
+    """Member names of an enum class in peft/utils/peft_types.py; empty when it cannot be read."""
+    root = _peft_root()
+    try:
+        node = _class_node(ast.parse((root / "utils" / "peft_types.py").read_text()), name) if root else None
+    except (OSError, SyntaxError):
+        node = None
+    if node is None:
+        return frozenset()
+    return frozenset(t.id for n in node.body if isinstance(n, ast.Assign) for t in n.targets
+                     if isinstance(t, ast.Name))
+
+
 @lru_cache(maxsize=1)
 def peft_types() -> frozenset[str]:
     """Members of this PEFT's PeftType enum."""
-    root = _peft_root()
-    try:
-        assert root is not None
-        node = _class_node(ast.parse((root / "utils" / "peft_types.py").read_text()), "PeftType")
-        assert node is not None
-    except (AssertionError, OSError, SyntaxError):
-        return _FALLBACK_PEFT_TYPES
-    names = {
-        t.id for n in node.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
-    }
-    return frozenset(names) or _FALLBACK_PEFT_TYPES
+    return _enum_members("PeftType") or _FALLBACK_PEFT_TYPES
 
 
 @lru_cache(maxsize=1)
 def task_types() -> frozenset[str]:
     """Members of this PEFT's TaskType enum (empty when they cannot be read: then nothing is refused)."""
-    root = _peft_root()
-    try:
-        assert root is not None
-        node = _class_node(ast.parse((root / "utils" / "peft_types.py").read_text()), "TaskType")
-        assert node is not None
-    except (AssertionError, OSError, SyntaxError):
-        return frozenset()
-    return frozenset(t.id for n in node.body if isinstance(n, ast.Assign) for t in n.targets
-                     if isinstance(t, ast.Name))
+    return _enum_members("TaskType")
 
 
 def peft_version() -> str | None:
