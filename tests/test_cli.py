@@ -28,6 +28,11 @@ def test_help_explains_each_command(command: str) -> None:
         assert "--class" in out and "--base" in out and "--json" in out
 
 
+def test_version_names_the_libraries() -> None:
+    code, out, _ = cli("--version")
+    assert code == 0 and out.startswith("lorafit ") and "peft" in out and "transformers" in out
+
+
 def test_usage_error_exits_2() -> None:
     code, _, _ = cli("check")
     assert code == 2

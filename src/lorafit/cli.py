@@ -22,6 +22,26 @@ app = typer.Typer(
          "Exit codes: 0 clean, 1 an error finding, 2 bad input or usage. Nothing is ever downloaded.",
 )
 
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        from . import __version__
+
+        libs = ", ".join(f"{p} {version(p)}" for p in ("peft", "transformers", "torch"))
+        typer.echo(f"lorafit {__version__} ({libs})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print lorafit's version and the library versions it sees.")]
+          = False) -> None:
+    """Make sure a LoRA adapter really lands on the model it is loaded into."""
+
+
 ClassOpt = Annotated[str | None, typer.Option(
     "--class", "-c", help="The class you load the base with: an Auto class (AutoModel, AutoModelForCausalLM, "
     "AutoModelForSequenceClassification, ...) or a concrete one (LlamaModel). Default: what task_type implies.")]
