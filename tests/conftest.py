@@ -19,9 +19,10 @@ warnings.filterwarnings("ignore")
 
 from hypothesis import settings  # noqa: E402
 
-# Same examples on every run: CI must not turn red on a case a developer never saw. Widen locally with
-# --hypothesis-seed=random when hunting.
+# Same examples on every run: CI must not turn red on a case a developer never saw. To hunt for new
+# cases, run with --hypothesis-profile=default.
 settings.register_profile("lorafit", derandomize=True, database=None)
+settings.register_profile("default")
 settings.load_profile("lorafit")
 
 import torch  # noqa: E402
