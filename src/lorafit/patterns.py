@@ -8,6 +8,7 @@ against PEFT's own functions on generated keys.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ def scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:
     """LoRA scaling: alpha / r, or alpha / sqrt(r) with use_rslora."""
     if r <= 0:
         return 0.0
-    return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 # Heads that PeftModelFor<Task> adds to modules_to_save by itself (see peft/peft_model.py).
