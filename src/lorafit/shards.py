@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LorafitError
-from .io import DTYPE_SIZES, read_safetensors_header
+from .io import DTYPE_SIZES, TensorInfo, read_safetensors_header
 
 if TYPE_CHECKING:
     import torch
@@ -60,16 +60,6 @@ class Stored:
     shape: tuple[int, ...]
     offset: int
     nbytes: int
-
-
-def _data_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    """(absolute start of the data section, key -> (start, end) relative to it). The header is validated first."""
-    read_safetensors_header(path)  # raises on a truncated or corrupt file, naming it
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return 8 + n, {k: (int(v["data_offsets"][0]), int(v["data_offsets"][1])) for k, v in header.items()}
 
 
 class Checkpoint:
@@ -119,16 +109,14 @@ class Checkpoint:
             path = root / fname
             if not path.is_file():
                 raise LorafitError(f"shard named by {INDEX_NAME} is missing", path)
-            infos, _ = read_safetensors_header(path)
-            start, offsets = _data_offsets(path)
-            wanted = files[fname] or sorted(offsets)
-            missing = [k for k in wanted if k not in offsets]
+            infos, _ = read_safetensors_header(path)  # validated, with each tensor's absolute data offset
+            wanted = files[fname] or sorted(infos)
+            missing = [k for k in wanted if k not in infos]
             if missing:
                 raise LorafitError(f"{INDEX_NAME} places {missing[0]!r} in this shard, which does not hold it", path)
-            for key in sorted(wanted, key=lambda k: offsets[k][0]):
-                s, e = offsets[key]
+            for key in sorted(wanted, key=lambda k: infos[k].offset or 0):
                 info = infos[key]
-                tensors[key] = Stored(key, path, info.dtype, info.shape, start + s, e - s)
+                tensors[key] = Stored(key, path, info.dtype, info.shape, info.offset or 0, info.nbytes)
         return cls(root, tensors, index)
 
     def __enter__(self) -> Checkpoint:
@@ -244,13 +232,6 @@ class OutShard:
     size: int = 0
 
 
-def _nbytes(code: str, shape: Sequence[int]) -> int:
-    n = DTYPE_SIZES[code]
-    for d in shape:
-        n *= d
-    return n
-
-
 def layout_shards(entries: Sequence[tuple[str, str, tuple[int, ...]]], max_bytes: int,
                   metadata: dict[str, str]) -> list[OutShard]:
     """Split (key, dtype, shape) entries into files of at most `max_bytes` of data, like save_pretrained.
@@ -261,7 +242,7 @@ def layout_shards(entries: Sequence[tuple[str, str, tuple[int, ...]]], max_bytes
     groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for e in entries:
-        n = _nbytes(e[1], e[2])
+        n = TensorInfo(tuple(e[2]), e[1]).nbytes
         if groups[-1] and size + n > max_bytes:
             groups.append([])
             size = 0
@@ -275,7 +256,7 @@ def layout_shards(entries: Sequence[tuple[str, str, tuple[int, ...]]], max_bytes
         header: dict[str, Any] = {"__metadata__": metadata}
         pos = 0
         for key, code, shape in group:
-            n = _nbytes(code, shape)
+            n = TensorInfo(tuple(shape), code).nbytes
             header[key] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + n]}
             shard.offsets[key] = pos
             pos += n
