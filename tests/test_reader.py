@@ -326,15 +326,19 @@ def test_some_zero_lora_b(bases: dict[str, Path], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("dtype", "value", "label"), [
     (torch.float32, float("nan"), "NaN"), (torch.bfloat16, float("inf"), "Inf"), (torch.float16, float("-inf"), "Inf"),
+    (torch.bfloat16, None, "Inf/NaN"),
 ])
 def test_non_finite_is_a_finding_not_a_crash(bases: dict[str, Path], tmp_path: Path, dtype: torch.dtype,
-                                             value: float, label: str) -> None:
+                                             value: float | None, label: str) -> None:
     make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
     key = f"{PEFT_PREFIX}model.layers.1.self_attn.v_proj.lora_A.weight"
 
     def poison(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-        sd[key][1, 2] = value
+        if value is None:  # both kinds in one tensor
+            sd[key][1, 2], sd[key][0, 0] = float("nan"), float("-inf")
+        else:
+            sd[key][1, 2] = value
         return sd
 
     edit_tensors(tmp_path / "a", poison)
