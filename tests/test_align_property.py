@@ -8,6 +8,7 @@ segments stripped, or with them replaced. align must undo exactly that change.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import make_adapter, tiny_config
 from lorafit.adapter import entries_of, read_adapter
-from lorafit.align import Entry, Rewrite, align
+from lorafit.align import Entry, Rewrite, _tree_key, align, candidate_rewrites
 from lorafit.tree import ModuleInfo, ModuleTree, tree_from_module
 
 PREFIX_SEGMENTS = ["model", "transformer", "base", "language_model", "text_model", "backbone", "inner", "wrapped"]
@@ -133,6 +134,33 @@ def test_align_undoes_any_prefix_change(case: Case) -> None:
 
 
 @SETTINGS
+def _naive_votes(entries: list[Entry], tree: ModuleTree) -> Counter[tuple[str, str]]:
+    """The vote by definition: every (entry, tree path) pair with a common tail votes for what precedes it."""
+    votes: Counter[tuple[str, str]] = Counter()
+    for e in entries:
+        seen = set()
+        for t in tree.modules:
+            a, b = _tree_key(e).split("."), t.split(".") if t else []
+            k = 0
+            while k < min(len(a), len(b)) and a[-1 - k] == b[-1 - k]:
+                k += 1
+            if k:
+                seen.add((".".join(a[:-k]) + "." if len(a) > k else "", ".".join(b[:-k]) + "." if len(b) > k else ""))
+        votes.update(seen)
+    return votes
+
+
+@given(cases())
+def test_candidates_are_the_most_voted_rewrites(case: Case) -> None:
+    """The fast vote (grouped by last segment) equals the vote by definition: same ranks, ties in any order."""
+    votes = _naive_votes(case.entries, case.tree)
+    got = [(r.src, r.dst) for r in candidate_rewrites(case.entries, case.tree)[1:]]
+    rank = {sd: (-n, len(sd[0]) + len(sd[1])) for sd, n in votes.items()}
+    assert all(sd in votes and sd[0] != sd[1] for sd in got)
+    expected = sorted(rank[sd] for sd in votes if sd[0] != sd[1])
+    assert [rank[sd] for sd in got] == expected[:len(got)]
+
+
 @given(cases(unique_shapes=True))
 def test_align_undoes_any_prefix_change_unique_shapes(case: Case) -> None:
     _assert_lands_exactly(case, align(case.entries, case.tree))

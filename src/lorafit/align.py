@@ -229,25 +229,33 @@ def _prefixes(path: str) -> Iterable[tuple[str, str]]:
         yield (".".join(parts[:i]) + "." if i else ""), ".".join(parts[i:])
 
 
+def _last_segment(prefix: str) -> str:
+    """'model.layers.' -> 'layers'; '' for the empty prefix."""
+    return prefix[:-1].rsplit(".", 1)[-1] if prefix else ""
+
+
 def candidate_rewrites(entries: Sequence[Entry], tree: ModuleTree) -> list[Rewrite]:
-    """Prefix rewrites ranked by how many entry paths they would land somewhere in the tree."""
-    by_suffix: dict[str, list[str]] = {}
+    """Prefix rewrites ranked by how many entry paths they would land somewhere in the tree.
+
+    An entry path and a tree path that share a tail vote for the rewrite of what precedes their longest
+    common tail: ("model.layers.", "layers.") is voted as ("model.", ""). Tree prefixes are grouped by
+    their last segment so that the longest tail is found without comparing strings again.
+    """
+    by_suffix: dict[str, dict[str, list[str]]] = {}
     for t in tree.modules:
         if not t:
             continue
         for prefix, rest in _prefixes(t):
-            by_suffix.setdefault(rest, []).append(prefix)
+            by_suffix.setdefault(rest, {}).setdefault(_last_segment(prefix), []).append(prefix)
     votes: Counter[tuple[str, str]] = Counter()
     for e in entries:
         seen: set[tuple[str, str]] = set()
         for src, rest in _prefixes(_tree_key(e)):
-            for dst in by_suffix.get(rest, ()):
-                # Strip the common tail of src and dst: ("model.layers.", "layers.") is ("model.", "").
-                s, d = src, dst
-                while s and d and s.rsplit(".", 2)[-2] == d.rsplit(".", 2)[-2]:
-                    s = s[: -len(s.rsplit(".", 2)[-2]) - 1]
-                    d = d[: -len(d.rsplit(".", 2)[-2]) - 1]
-                seen.add((s, d))
+            last = _last_segment(src)
+            for d_last, dsts in by_suffix.get(rest, {}).items():
+                if last and d_last == last:
+                    continue  # the tail goes on: the split one segment further left votes for this pair
+                seen.update((src, d) for d in dsts)
         votes.update(seen)
     ranked = sorted(votes.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1])))
     out = [Rewrite()]
