@@ -52,14 +52,19 @@ def tiny_config(family: str, **overrides: Any) -> Any:
                   max_position_embeddings=64, word_embed_proj_dim=16, pad_token_id=1)
         kw.update(overrides)
         return transformers.OPTConfig(**kw)
+    if family == "bart":  # encoder-decoder; encoder/decoder embed_tokens are tied aliases of model.shared
+        kw = dict(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+        kw.update(overrides)
+        return transformers.BartConfig(**kw)
     raise ValueError(family)
 
 
 # The head class each family is saved with; AutoModel and the others load from the same directory.
 HEAD_CLASS = {"llama": "AutoModelForCausalLM", "gpt2": "AutoModelForCausalLM", "opt": "AutoModelForCausalLM",
-              "bert": "AutoModelForSequenceClassification"}
+              "bert": "AutoModelForSequenceClassification", "bart": "AutoModelForSeq2SeqLM"}
 LORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "opt": ["q_proj", "v_proj", "fc2"],
-                "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"]}
+                "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value"], "bart": ["q_proj", "v_proj"]}
 
 
 def save_base(root: Path, family: str, **overrides: Any) -> Path:
@@ -79,7 +84,7 @@ def make_adapter(base: Path, class_name: str, out: Path, seed: int = 1, **lora: 
     """Create a real PEFT adapter on `class_name` with random (non-zero) lora_B, save it to `out`."""
     torch.manual_seed(seed)
     model = load_model(base, class_name)
-    family = next(f for f in ("gpt2", "bert", "opt", "llama") if f"{f}-base" in str(base))
+    family = next(f for f in ("gpt2", "bert", "opt", "llama", "bart") if f"{f}-base" in str(base))
     kwargs: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS[family],
                               "init_lora_weights": False}
     if family == "gpt2":

@@ -143,3 +143,25 @@ def test_cli_exit_codes(llama: dict[str, Path], tmp_path: Path) -> None:
     bad = runner.invoke(app, ["verify-merge", str(llama["base"]), "--base", str(llama["base"]),
                               "--adapter", str(llama["adapter"])])
     assert bad.exit_code == 1 and "merge-unchanged" in bad.stdout
+
+
+def test_bart_shared_embedding_both_ways(tmp_path: Path) -> None:
+    """LoRA on BART's encoder and decoder embed_tokens lands twice on model.shared, the one stored tensor.
+
+    verify-merge passes on lorafit's and on PEFT's merge, and catches a merge that added only one of the two.
+    """
+    base = save_base(tmp_path, "bart")
+    make_adapter(base, "AutoModelForSeq2SeqLM", tmp_path / "a", target_modules=["embed_tokens", "q_proj"])
+    assert merge(tmp_path / "a", base, tmp_path / "m").ok
+    assert verify_merge(tmp_path / "m", base, tmp_path / "a").ok
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(base))
+    PeftModel.from_pretrained(model, str(tmp_path / "a")).merge_and_unload().save_pretrained(tmp_path / "p")
+    assert verify_merge(tmp_path / "p", base, tmp_path / "a").ok
+    # Only the encoder's delta: what a merge that skips the second alias would write.
+    enc = PeftModel.from_pretrained(transformers.AutoModelForSeq2SeqLM.from_pretrained(str(base)), str(tmp_path / "a"))
+    layer = enc.base_model.model.model.encoder.embed_tokens
+    shared = load_model(base, "AutoModelForSeq2SeqLM").state_dict()["model.shared.weight"]
+    one = shared + layer.get_delta_weight("default")
+    half = edited_copy(tmp_path / "m", tmp_path / "half", {"model.shared.weight": one})
+    report = verify_merge(half, base, tmp_path / "a")
+    assert not report.ok

@@ -10,7 +10,9 @@ a checkpoint key the way transformers loads one: as is, with the base_model_pref
 
 Tied embeddings follow PEFT: a LoRA on either side is merged into the one shared tensor (both sides
 change); a modules_to_save copy of one side replaces that side only, so the two are written apart and
-the config says tie_word_embeddings=false.
+the config says tie_word_embeddings=false. Other tied names (ModuleTree.tied, e.g. BART's encoder and
+decoder embed_tokens, stored once as model.shared) resolve to the stored tensor, and every delta of
+every name lands on it in module order, as PEFT's in-place merges do.
 """
 
 from __future__ import annotations
@@ -137,6 +139,11 @@ def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Mapping_, keys: Sequ
 
     def resolve(slot: tuple[str, str]) -> str:
         name = key_of(*slot)
+        alias_of = tree.tied.get(f"{slot[0]}.{slot[1]}" if slot[0] else slot[1])
+        if name is None and alias_of is not None:
+            # A tied alias the checkpoint stores once (BART's encoder/decoder embed_tokens -> model.shared).
+            path, _, param = alias_of.rpartition(".")
+            name = key_of(path, param)
         if name is None:
             what = f"{slot[0]}.{slot[1]}"
             raise LorafitError(f"the base checkpoint has no tensor for {what} (tried {what!r} with and without "
@@ -177,7 +184,15 @@ def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Mapping_, keys: Sequ
                 replaced.pop(s, None)
     for slot in sorted(set(deltas) | set(replaced), key=lambda s: (order_of.get(s[0], -1), s[1])):
         name = resolve(slot)
-        changes[name] = TensorPlan(name, name, replaced.get(slot), deltas.get(slot, []))
+        if name in changes:  # another name of the same tensor: PEFT adds each delta to the one parameter
+            if replaced.get(slot) is not None or changes[name].replace is not None:
+                raise LorafitError(f"cannot merge {slot[0]}: it shares its tensor {name} with another adapted "
+                                   "module, and one of them is replaced by a trained copy", adapter.path)
+            changes[name].deltas.extend(deltas.get(slot, []))
+            if name not in plan.tied_shared:
+                plan.tied_shared.append(name)
+            continue
+        changes[name] = TensorPlan(name, name, replaced.get(slot), list(deltas.get(slot, [])))
     plan.order = list(keys) + extra_names
     plan.sources = {k: k for k in keys} | {n: changes[n].source for n in extra_names}
     return plan

@@ -53,6 +53,9 @@ class ModuleTree:
     output_embeddings: str | None = None
     source: str | None = None
     converts_keys: bool = False  # PEFT renames adapter keys on load (transformers' conversion mapping)
+    # Parameters that are one tensor under several names, beyond the input/output embedding tie that
+    # tie_word_embeddings describes: alias "model.encoder.embed_tokens.weight" -> "model.shared.weight" (BART).
+    tied: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -123,6 +126,7 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
             out_emb = name
     cls = type(model)
     return ModuleTree(
+        tied=_tied_aliases(model, in_emb, out_emb),
         class_name=cls.__name__, modules=modules,
         model_type=getattr(config, "model_type", None),
         base_model_prefix=getattr(model, "base_model_prefix", "") or "",
@@ -133,6 +137,24 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
         input_embeddings=in_emb, output_embeddings=out_emb, source=source,
         converts_keys=has_conversion(getattr(config, "model_type", None)),
     )
+
+
+def _tied_aliases(model: Any, in_emb: str | None, out_emb: str | None) -> dict[str, str]:
+    """alias -> first name of every parameter reachable under several names (meta tensors are tied too)."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        module, _, param = name.rpartition(".")
+        path = _clean_path(module)
+        if path is not None:
+            groups.setdefault(id(p), []).append(f"{path}.{param}" if path else param)
+    embedding_pair = {f"{in_emb}.weight", f"{out_emb}.weight"}
+    tied: dict[str, str] = {}
+    for names in groups.values():
+        canonical, *aliases = list(dict.fromkeys(names))
+        for alias in aliases:
+            if not {alias, canonical} <= embedding_pair:
+                tied[alias] = canonical
+    return tied
 
 
 def _text_config_attr(config: Any, name: str) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .tree import ModuleInfo, ModuleTree
 
-_SCHEMA = "tree/1"
+_SCHEMA = "tree/2"
 
 
 def _cache_dir() -> Path:
