@@ -53,10 +53,11 @@ def test_cli_import_is_light() -> None:
 
 
 def test_warm_check_imports_no_torch(bases: dict[str, Path], tmp_path: Path) -> None:
-    """The module tree is cached: a repeated check needs neither torch nor transformers."""
+    """The module tree is cached: a repeated check needs neither torch nor transformers (blueprints off, so
+    that the first check builds the tree on the meta device; test_blueprint covers the blueprint path)."""
     adapter = tmp_path / "a"
     make_adapter(bases["llama"], "AutoModelForCausalLM", adapter, task_type="CAUSAL_LM")
-    env = {"LORAFIT_CACHE": str(tmp_path / "cache")}
+    env = {"LORAFIT_CACHE": str(tmp_path / "cache"), "LORAFIT_NO_BLUEPRINTS": "1"}
     script = (f"import sys; from lorafit.checker import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
               "'AutoModel'); print(r.ok, [f.code for f in r.findings if f.severity == 'error'][:1], "
               "'torch' in sys.modules)")

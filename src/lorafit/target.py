@@ -109,19 +109,37 @@ def build_meta_model(cls: type, config: Any) -> Any:
 def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
     """Build the ModuleTree of `class_name` for a local or cached model.
 
-    No weight is read. Raises ModelNotFoundError, UnknownClassError, LorafitError.
+    Tried in order: the tree cache, a blueprint (both need neither torch nor transformers), and the
+    meta-device build. No weight is read. Raises ModelNotFoundError, UnknownClassError, LorafitError.
     """
     from . import tree_cache
 
     model_dir = resolve_model_dir(model)
     name = class_name
-    key = tree_cache.cache_key((model_dir / "config.json").read_bytes(), name)
+    config_bytes = (model_dir / "config.json").read_bytes()
+    key = tree_cache.cache_key(config_bytes, name)
     cached = tree_cache.load(key)
     if cached is not None:
         cached.source = str(model)
         return cached
+    drawn = _from_blueprint(config_bytes, name, str(model))
+    if drawn is not None:
+        return drawn
     config = load_config(model_dir)
     cls = resolve_class(name, config)
     tree = tree_from_module(build_meta_model(cls, config), source=str(model))
     tree_cache.store(key, tree)
     return tree
+
+
+def _from_blueprint(config_bytes: bytes, class_name: str, source: str) -> ModuleTree | None:
+    """The tree from a shipped blueprint, without importing torch or transformers; None if none covers it."""
+    import json
+
+    from .blueprint import tree_from_blueprint
+
+    try:
+        config = json.loads(config_bytes)
+    except ValueError:
+        return None  # transformers' own reader gives the error message
+    return tree_from_blueprint(config, class_name, source) if isinstance(config, dict) else None

@@ -1,0 +1,200 @@
+"""Blueprints: a model class's ModuleTree as data, with every size an expression of config.json fields.
+
+A cold `lorafit check` spends ~8 s importing torch and transformers to build a tree that, for a dense
+architecture, follows from a handful of config integers. A blueprint records that dependency once per
+(model type, class, transformers version), as mergekit keeps architectures as data. It is generated
+from transformers itself (tools/make_blueprints.py) and tested against meta-device builds.
+
+Evaluating one is pure Python. It answers None (and the caller builds the tree on the meta device)
+whenever the config is outside what the blueprint was verified for: another transformers version,
+a config key it does not know, a structural field with another value, or a size it cannot derive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .tree import ModuleInfo, ModuleTree
+
+SCHEMA = "lorafit.blueprints/1"
+DATA_DIR = Path(__file__).parent / "blueprints"
+# Config keys that never change a module tree: bookkeeping, token ids, rope settings (buffers, not
+# parameters), labels (their count is the pseudo field num_labels), per-layer attention kinds.
+FREE_KEYS = frozenset({
+    "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "model_type",
+    "rope_parameters", "rope_scaling", "rope_theta", "id2label", "label2id", "num_labels", "problem_type",
+    "layer_types", "output_hidden_states", "output_attentions", "return_dict", "use_cache",
+})
+_TOKEN_ID = re.compile(r".*_token_ids?$")
+_FACTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
+
+
+def data_file(transformers_version: str) -> Path:
+    return DATA_DIR / f"transformers-{transformers_version}.json"
+
+
+def installed_transformers() -> str | None:
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+@cache
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
+
+
+def evaluate(expr: str | int | None, values: dict[str, int]) -> int | None:
+    """An expression like "num_key_value_heads*head_dim" or "3*n_embd/2" on resolved config values.
+
+    None when a field is missing or the division is not exact (the blueprint does not cover that config).
+    """
+    if expr is None or isinstance(expr, int):
+        return expr
+    num, den = 1, 1
+    for part, sign in _terms(expr):
+        v = int(part) if part.isdigit() else values.get(part)
+        if v is None:
+            return None
+        if sign == "*":
+            num *= v
+        else:
+            den *= v
+    if den == 0 or num % den:
+        return None
+    return num // den
+
+
+def _terms(expr: str) -> list[tuple[str, str]]:
+    out, sign, pos = [], "*", 0
+    for m in _FACTOR.finditer(expr):
+        between = expr[pos:m.start()]
+        if between in ("*", "/"):
+            sign = between
+        out.append((m.group(), sign))
+        pos = m.end()
+    return out
+
+
+def is_free_key(key: str) -> bool:
+    return key in FREE_KEYS or bool(_TOKEN_ID.match(key)) or key.startswith("output_")
+
+
+def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int] | None:
+    """The config values the blueprint's expressions use, or None when the config is not covered."""
+    known = set(spec["sizes"]) | set(spec["pinned"]) | set(spec["free"]) | set(spec["bools"])
+    if any(k not in known and not is_free_key(k) for k in config):
+        return None
+    values: dict[str, int] = {}
+    derived = spec["derived"]
+    for name, default in spec["sizes"].items():
+        if name == "num_labels":
+            labels = config.get("id2label")
+            v = len(labels) if isinstance(labels, dict) else config.get("num_labels", default)
+        elif name in config:
+            v = config[name]
+        elif name in derived:
+            continue  # resolved below, once every given value is known
+        else:
+            v = default
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            return None  # transformers would reject it or build something else: let it say so
+        values[name] = v
+    for name, expr in derived.items():
+        if name not in values and name in spec["sizes"]:
+            v = evaluate(expr, values) if expr is not None else None
+            if v is None or v <= 0:
+                return None
+            values[name] = v
+    for name, want in spec["pinned"].items():
+        if _given_or_default(config, spec, name, want) != want:
+            return None
+    if any(name in config and not isinstance(config[name], bool) for name in spec["bools"]):
+        return None
+    return values
+
+
+def _given_or_default(config: dict[str, Any], spec: dict[str, Any], name: str, default: Any) -> Any:
+    """The config's value, else the class default; a missing derived field has no known value (None)."""
+    if name in config:
+        return config[name]
+    return None if name in spec["derived"] else default
+
+
+def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | None = None) -> ModuleTree | None:
+    """The ModuleTree of `class_name` (an Auto class or a concrete one) for this config.json, or None."""
+    if os.environ.get("LORAFIT_NO_BLUEPRINTS"):
+        return None
+    tv = installed_transformers()
+    data = _load(data_file(tv)) if tv else None
+    model_type = config.get("model_type")
+    if data is None or not isinstance(model_type, str) or model_type not in data["model_types"]:
+        return None
+    spec = data["model_types"][model_type]
+    concrete = spec["auto"].get(class_name, class_name)
+    bp = spec["classes"].get(concrete)
+    if bp is None:
+        return None
+    values = resolve_sizes(spec, config)
+    if values is None:
+        return None
+    for name, want in bp["pinned_bools"].items():
+        if _given_or_default(config, spec, name, spec["bools"][name]) != want:
+            return None
+    modules = _expand(bp["rows"], values)
+    if modules is None:
+        return None
+    tie = bp["tie"]
+    return ModuleTree(
+        class_name=concrete, modules=modules, model_type=model_type, base_model_prefix=bp["base_model_prefix"],
+        can_generate=bp["can_generate"], implied_task_type=bp["implied_task_type"],
+        vocab_size=evaluate(bp["vocab_size"], values),
+        tie_word_embeddings=bool(config.get(tie["field"], spec["bools"][tie["field"]]) if "field" in tie
+                                 else tie["value"]),
+        input_embeddings=bp["input_embeddings"], output_embeddings=bp["output_embeddings"], source=source,
+        converts_keys=bp["converts_keys"], tied=dict(bp["tied"]),
+    )
+
+
+def _info(row: list[Any], values: dict[str, int]) -> ModuleInfo | None:
+    _, kind, fin, fout, params = row
+    dims = {name: tuple(evaluate(d, values) for d in shape) for name, shape in params.items()}
+    feats = (evaluate(fin, values), evaluate(fout, values))
+    if any(d is None for shape in dims.values() for d in shape) or any(
+            f is None and e is not None for f, e in zip(feats, (fin, fout), strict=True)):
+        return None
+    return ModuleInfo(kind, feats[0], feats[1], {n: tuple(int(d) for d in s if d is not None) for n, s in dims.items()})
+
+
+def _expand(rows: list[Any], values: dict[str, int]) -> dict[str, ModuleInfo] | None:
+    """Rows in named_modules order; a repeat row stands for its body once per index, in index order."""
+    out: dict[str, ModuleInfo] = {}
+    for row in rows:
+        if row[0] == "repeat":
+            _, count_expr, body = row
+            count = evaluate(count_expr, values)
+            if count is None:
+                return None
+            infos = [(r[0], _info(r, values)) for r in body]
+            for i in range(count):
+                for tpl, info in infos:
+                    if info is None:
+                        return None
+                    out[tpl.replace("{i}", str(i))] = info
+        else:
+            info = _info(row, values)
+            if info is None:
+                return None
+            out[row[0]] = info
+    return out

@@ -1,0 +1,183 @@
+"""Blueprints give exactly the tree that transformers builds on the meta device, or nothing.
+
+The oracle is tree_from_module(build_meta_model(...)) on configs chosen here, independently of the
+probes tools/make_blueprints.py used: the tiny test configs, GQA, a head_dim that is not
+hidden/heads, tied embeddings, other label counts, and config.json files as save_pretrained writes
+them (only what differs from the defaults) and in full.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_adapter
+from lorafit import blueprint
+from lorafit.blueprint import tree_from_blueprint
+from lorafit.target import build_meta_model, resolve_class
+from lorafit.tree import ModuleTree, tree_from_module
+
+DATA = blueprint._load(blueprint.data_file(blueprint.installed_transformers() or ""))
+TYPES = sorted(DATA["model_types"]) if DATA else []
+
+# Small configs per model type, chosen by hand (not by the generator's probes).
+VARIANTS: dict[str, list[dict[str, Any]]] = {
+    "llama": [
+        dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0),
+        dict(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=10, tie_word_embeddings=True, num_labels=5),
+        dict(vocab_size=70, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=8),
+    ],
+    "mistral": [dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=6, sliding_window=None)],
+    "qwen2": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, use_sliding_window=True, sliding_window=16, max_window_layers=1)],
+    "qwen3": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=12, tie_word_embeddings=True)],
+    "gemma": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=8)],
+    "gemma2": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8)],
+    "phi3": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, pad_token_id=0)],
+    "gpt2": [dict(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64),
+             dict(vocab_size=80, n_embd=24, n_layer=3, n_head=3, num_labels=4, tie_word_embeddings=False)],
+    "opt": [dict(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=64, word_embed_proj_dim=16, pad_token_id=1)],
+    "bert": [dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=64, num_labels=3)],
+}
+
+
+def _config_json(tmp: Path, model_type: str, kw: dict[str, Any], full: bool) -> dict[str, Any]:
+    config = transformers.AutoConfig.for_model(model_type, **kw)
+    if full:
+        return config.to_dict()
+    config.save_pretrained(tmp)
+    return json.loads((tmp / "config.json").read_text())
+
+
+def _built(config_json: dict[str, Any], class_name: str) -> ModuleTree:
+    config = transformers.AutoConfig.for_model(**config_json)
+    return tree_from_module(build_meta_model(resolve_class(class_name, config), config))
+
+
+def assert_same_tree(drawn: ModuleTree, built: ModuleTree) -> None:
+    assert list(drawn.modules.items()) == list(built.modules.items())
+    for f in ("class_name", "model_type", "base_model_prefix", "can_generate", "implied_task_type", "vocab_size",
+              "tie_word_embeddings", "input_embeddings", "output_embeddings", "converts_keys", "tied"):
+        assert getattr(drawn, f) == getattr(built, f), f
+
+
+def test_blueprints_ship_for_the_pinned_transformers() -> None:
+    assert DATA is not None, ("no blueprints for this transformers version: run "
+                              ".venv/bin/python tools/make_blueprints.py and commit src/lorafit/blueprints/")
+    assert {"llama", "gpt2", "bert"} <= set(TYPES)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("full", [False, True], ids=["saved", "full"])
+def test_blueprint_equals_the_meta_build(tmp_path: Path, model_type: str, full: bool) -> None:
+    assert model_type in VARIANTS, f"add hand-picked configs for {model_type} to VARIANTS"
+    spec = DATA["model_types"][model_type]
+    for i, kw in enumerate(VARIANTS[model_type]):
+        cj = _config_json(tmp_path / str(i), model_type, kw, full)
+        for auto, concrete in spec["auto"].items():
+            drawn = tree_from_blueprint(cj, auto)
+            assert drawn is not None, (model_type, auto, kw)
+            assert_same_tree(drawn, _built(cj, concrete))
+            assert tree_from_blueprint(cj, concrete) is not None
+
+
+AUTOS = ["AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+         "AutoModelForQuestionAnswering"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 6), kv_div=st.sampled_from([1, 2, 3]), head_dim=st.integers(1, 5).map(lambda n: 2 * n),
+       explicit_head_dim=st.booleans(), layers=st.integers(1, 4), inter=st.integers(1, 70), vocab=st.integers(2, 90),
+       tie=st.booleans(), labels=st.integers(1, 6), auto=st.sampled_from(AUTOS))
+def test_llama_blueprint_on_any_sizes(heads: int, kv_div: int, head_dim: int, explicit_head_dim: bool, layers: int,
+                                      inter: int, vocab: int, tie: bool, labels: int, auto: str) -> None:
+    kv = heads // kv_div if heads % kv_div == 0 else heads
+    kw: dict[str, Any] = dict(vocab_size=vocab, hidden_size=heads * (head_dim + (2 if explicit_head_dim else 0)),
+                              intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                              num_key_value_heads=kv, tie_word_embeddings=tie, num_labels=labels)
+    if explicit_head_dim:
+        kw["head_dim"] = head_dim
+    cj = transformers.LlamaConfig(**kw).to_diff_dict()
+    if not explicit_head_dim:
+        cj.pop("head_dim", None)  # as in older config.json files: derived from hidden_size / heads
+    drawn = tree_from_blueprint(cj, auto)
+    assert drawn is not None
+    assert_same_tree(drawn, _built(cj, auto))
+
+
+BASE = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2)
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "a key the blueprint does not know"),
+    ({"auto_map": {"AutoModel": "x.Y"}}, "remote code"),
+    ({"attention_bias": True}, "a pinned structural flag with another value"),
+    ({"hidden_act": "gelu"}, "another activation module"),
+    ({"hidden_size": 16.0}, "a size that is not an int"),
+    ({"hidden_size": 0}, "a size transformers would reject"),
+    ({"hidden_size": 15}, "heads do not divide hidden_size and head_dim is not given"),
+    ({"model_type": "no-such-type"}, "an unknown model type"),
+])
+def test_outside_the_blueprint_there_is_no_tree(change: dict[str, Any], why: str) -> None:
+    assert tree_from_blueprint(BASE, "AutoModelForCausalLM") is not None
+    assert tree_from_blueprint({**BASE, **change}, "AutoModelForCausalLM") is None, why
+
+
+def test_a_null_default_that_sizes_a_module_is_pinned() -> None:
+    """GPT-2's n_inner is null (4 * n_embd) by default; set, it sizes the MLP: the blueprint does not guess."""
+    gpt2 = dict(model_type="gpt2", vocab_size=64, n_embd=16, n_layer=2, n_head=2)
+    assert tree_from_blueprint(gpt2, "AutoModelForCausalLM") is not None
+    assert tree_from_blueprint({**gpt2, "n_inner": 40}, "AutoModelForCausalLM") is None
+
+
+def test_unknown_class_or_other_transformers_version_has_no_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tree_from_blueprint(BASE, "BertModel") is None
+    assert tree_from_blueprint(BASE, "AutoModelForSeq2SeqLM") is None
+    monkeypatch.setattr(blueprint, "installed_transformers", lambda: "0.0.1")
+    assert tree_from_blueprint(BASE, "AutoModelForCausalLM") is None
+
+
+def test_a_config_outside_the_blueprint_is_still_checked_right(bases: dict[str, Path], tmp_path: Path) -> None:
+    """attention_bias=True is not in the blueprint: the meta build answers, and check still finds the adapter."""
+    import lorafit
+    from conftest import save_base
+
+    base = save_base(tmp_path, "llama", attention_bias=True)
+    assert tree_from_blueprint(json.loads((base / "config.json").read_text()), "AutoModelForCausalLM") is None
+    make_adapter(base, "AutoModelForCausalLM", tmp_path / "a")
+    report = lorafit.check(tmp_path / "a", base, "AutoModelForCausalLM")
+    assert report.ok and report.target["modules"] == len(_built(json.loads((base / "config.json").read_text()),
+                                                               "AutoModelForCausalLM").modules)
+
+
+def test_check_from_a_blueprint_imports_neither_torch_nor_transformers(bases: dict[str, Path], tmp_path: Path) -> None:
+    make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
+    code = ("import sys, lorafit; r = lorafit.check(sys.argv[1], sys.argv[2], 'AutoModelForCausalLM'); "
+            "print(r.ok, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    env = {**os.environ, "LORAFIT_NO_CACHE": "1"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(bases["llama"])], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "False"]
+    env["LORAFIT_NO_BLUEPRINTS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(bases["llama"])], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "True"]

@@ -1,0 +1,356 @@
+"""Generate lorafit's blueprints from the installed transformers (maintainers run this when the pin moves).
+
+    .venv/bin/python tools/make_blueprints.py            # the default model types
+    .venv/bin/python tools/make_blueprints.py llama gpt2  # only these
+
+For each model type it builds every Auto class's model on the meta device, from the default config and
+from several probes whose integer fields are scaled by independent random factors, and finds for every
+size an expression in the config's integer fields that explains all of them (a field, a multiple, a
+product or a quotient of two, or a product of two over a third). Repeated layers become one repeat
+row. Booleans are flipped one at a time: one that changes the tree is pinned to its default. Anything
+it cannot explain is not written, and lorafit builds those trees on the meta device as before.
+tests/test_blueprint.py checks the result against meta builds of independently chosen configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import re
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from lorafit.blueprint import SCHEMA, data_file, installed_transformers, is_free_key
+from lorafit.target import build_meta_model
+from lorafit.tree import _AUTO_NAME_TABLES, ModuleInfo, ModuleTree, tree_from_module
+
+DEFAULT_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "bert"]
+PROBES = 6
+MULTIPLIERS = range(1, 5)
+
+
+class Unsupported(Exception):
+    """The architecture does not fit the blueprint model; lorafit keeps building it on the meta device."""
+
+
+def infer(points: list[dict[str, int]], targets: list[int | None]) -> int | str | None:
+    """The simplest expression that gives targets[k] on points[k] for every k; Unsupported if none or two."""
+    if all(t is None for t in targets):
+        return None
+    if any(t is None for t in targets):
+        raise Unsupported(f"a size is sometimes absent: {targets}")
+    ts = [int(t) for t in targets if t is not None]
+    if len(set(ts)) == 1:
+        return ts[0]
+    fields = sorted(points[0])
+    tiers: list[list[tuple[tuple[str, ...], tuple[str, ...]]]] = [
+        [((f,), ()) for f in fields],
+        [(tuple(sorted(p)), ()) for p in itertools.combinations_with_replacement(fields, 2)]
+        + [((f,), (g,)) for f in fields for g in fields if f != g],
+        [(tuple(sorted(p)), (h,)) for p in itertools.combinations_with_replacement(fields, 2) for h in fields
+         if h not in p],
+    ]
+    for tier in tiers:
+        found = set()
+        for num, den in tier:
+            c = _coefficient(points, ts, num, den)
+            if c is not None:
+                found.add(_render(c, num, den))
+        if len(found) == 1:
+            return found.pop()
+        if found:
+            raise Unsupported(f"sizes {ts} fit {sorted(found)}")
+    raise Unsupported(f"no expression explains sizes {ts}")
+
+
+def _coefficient(points: list[dict[str, int]], ts: list[int], num: tuple[str, ...],
+                 den: tuple[str, ...]) -> Fraction | None:
+    c = None
+    for p, t in zip(points, ts, strict=True):
+        base = Fraction(1)
+        for f in num:
+            base *= p[f]
+        for g in den:
+            if p[g] == 0:
+                return None
+            base /= p[g]
+        if base == 0:
+            return None
+        k = Fraction(t) / base
+        if c is None:
+            c = k
+        elif k != c:
+            return None
+    if c is None or c.numerator > 64 or c.denominator > 8:
+        return None
+    return c
+
+
+def _render(c: Fraction, num: tuple[str, ...], den: tuple[str, ...]) -> str:
+    parts = ([str(c.numerator)] if c.numerator != 1 else []) + list(num)
+    out = "*".join(parts)
+    for d in ([str(c.denominator)] if c.denominator != 1 else []) + list(den):
+        out += "/" + d
+    return out
+
+
+def _collapse(modules: dict[str, ModuleInfo]) -> list[Any]:
+    """Rows for one built tree: ("one", path, info) or ("repeat", container, count, [(template, info)])."""
+    items = list(modules.items())
+    rows: list[Any] = []
+    i = 0
+    while i < len(items):
+        path, info = items[i]
+        segs = path.split(".") if path else []
+        pos = next((k for k, s in enumerate(segs) if s.isdigit()), None)
+        if pos is None:
+            rows.append(("one", path, info))
+            i += 1
+            continue
+        container = ".".join(segs[:pos])
+        by_index: dict[int, list[tuple[str, ModuleInfo]]] = {}
+        while i < len(items):
+            p, inf = items[i]
+            ps = p.split(".")
+            if len(ps) <= pos or ".".join(ps[:pos]) != container or not ps[pos].isdigit():
+                break
+            if any(s.isdigit() for s in ps[pos + 1:]):
+                raise Unsupported(f"nested repeats under {p}")
+            by_index.setdefault(int(ps[pos]), []).append((".".join([*ps[:pos], "{i}", *ps[pos + 1:]]), inf))
+            i += 1
+        if sorted(by_index) != list(range(len(by_index))) or any(v != by_index[0] for v in by_index.values()):
+            raise Unsupported(f"the blocks under {container} differ from each other")
+        rows.append(("repeat", container, len(by_index), by_index[0]))
+    return rows
+
+
+def _shape_of(rows: list[Any]) -> list[Any]:
+    """What must agree between probes: the paths, module kinds and parameter names."""
+    def info_shape(info: ModuleInfo) -> Any:
+        return (info.kind, info.in_features is None, info.out_features is None,
+                tuple((n, len(s)) for n, s in info.params.items()))
+    out = []
+    for r in rows:
+        if r[0] == "one":
+            out.append((r[1], info_shape(r[2])))
+        else:
+            out.append((r[1], tuple((t, info_shape(inf)) for t, inf in r[3])))
+    return out
+
+
+def _info_row(path: str, infos: list[ModuleInfo], points: list[dict[str, int]]) -> list[Any]:
+    first = infos[0]
+    params = {n: [infer(points, [i.params[n][d] for i in infos]) for d in range(len(s))]
+              for n, s in first.params.items()}
+    return [path, first.kind, infer(points, [i.in_features for i in infos]),
+            infer(points, [i.out_features for i in infos]), params]
+
+
+def class_blueprint(trees: list[ModuleTree], points: list[dict[str, int]]) -> dict[str, Any]:
+    per_probe = [_collapse(t.modules) for t in trees]
+    if any(_shape_of(r) != _shape_of(per_probe[0]) for r in per_probe):
+        raise Unsupported("the module structure changes with sizes")
+    rows: list[Any] = []
+    for k, row in enumerate(per_probe[0]):
+        if row[0] == "one":
+            rows.append(_info_row(row[1], [p[k][2] for p in per_probe], points))
+        else:
+            count = infer(points, [p[k][2] for p in per_probe])
+            body = [_info_row(tpl, [p[k][3][j][1] for p in per_probe], points) for j, (tpl, _) in enumerate(row[3])]
+            rows.append(["repeat", count, body])
+    t0 = trees[0]
+    for attr in ("class_name", "base_model_prefix", "can_generate", "implied_task_type", "input_embeddings",
+                 "output_embeddings", "converts_keys", "tied"):
+        if len({json.dumps(getattr(t, attr), sort_keys=True) for t in trees}) != 1:
+            raise Unsupported(f"{attr} changes with sizes")
+    return {"rows": rows, "base_model_prefix": t0.base_model_prefix, "can_generate": t0.can_generate,
+            "implied_task_type": t0.implied_task_type, "input_embeddings": t0.input_embeddings,
+            "output_embeddings": t0.output_embeddings, "converts_keys": t0.converts_keys, "tied": t0.tied,
+            "vocab_size": infer(points, [t.vocab_size for t in trees])}
+
+
+def _same_tree(a: ModuleTree, b: ModuleTree, ignore: tuple[str, ...] = ()) -> bool:
+    fields = ("class_name", "base_model_prefix", "can_generate", "implied_task_type", "vocab_size",
+              "tie_word_embeddings", "input_embeddings", "output_embeddings", "converts_keys", "tied")
+    return list(a.modules.items()) == list(b.modules.items()) and all(
+        getattr(a, f) == getattr(b, f) for f in fields if f not in ignore)
+
+
+def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str, Any], list[str]]:
+    import transformers
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto
+
+    config_cls = CONFIG_MAPPING[model_type]
+    default = config_cls().to_dict()
+    sizes = {k: v for k, v in default.items() if isinstance(v, int) and not isinstance(v, bool)
+             and v != 0 and not is_free_key(k)}
+    sizes["num_labels"] = 2
+    floats = [k for k, v in default.items() if isinstance(v, float) and not is_free_key(k)]
+    bools = {k: v for k, v in default.items() if isinstance(v, bool) and not is_free_key(k)}
+    free = [k for k in floats]
+    pinned = {k: v for k, v in default.items()
+              if k not in sizes and k not in bools and k not in floats and not is_free_key(k)}
+
+    classes: dict[str, type] = {}
+    auto: dict[str, str] = {}
+    for task, table in _AUTO_NAME_TABLES.items():
+        name = getattr(modeling_auto, table, {}).get(model_type)
+        if isinstance(name, str) and hasattr(transformers, name):
+            auto[_auto_name(task)] = name
+            classes[name] = getattr(transformers, name)
+
+    def make_config(changes: dict[str, Any]) -> Any:
+        return config_cls(**changes)
+
+    # Probe 0 is the default config; the others scale every size by its own random factor.
+    probes: list[dict[str, Any]] = [{}]
+    while len(probes) <= PROBES:
+        changes: dict[str, Any] = {k: v * m for k, v, m in _multipliers(sizes, rng)}
+        changes.update({k: default[k] * rng.choice([0.5, 0.75]) for k in floats})
+        try:
+            cfg = make_config(changes)
+            for cls in classes.values():
+                build_meta_model(cls, cfg)
+        except Exception:
+            continue
+        probes.append(changes)
+    configs = [make_config(c) for c in probes]
+    points = [{k: (c.num_labels if k == "num_labels" else getattr(c, k)) for k in sizes} for c in configs]
+
+    out_classes: dict[str, Any] = {}
+    first_trees: dict[str, ModuleTree] = {}
+    skipped: list[str] = []
+    for name, cls in classes.items():
+        try:
+            trees = [tree_from_module(build_meta_model(cls, c)) for c in configs]
+            bp = class_blueprint(trees, points)
+            bp["pinned_bools"], bp["tie"] = _bool_roles(cls, bools, make_config, trees[0])
+            out_classes[name] = bp
+            first_trees[name] = trees[0]
+        except Unsupported as e:
+            skipped.append(f"{model_type}/{name}: {e}")
+    # An optional integer that is null by default (sliding_window) is free when setting it changes no tree.
+    for field_name in [k for k, v in pinned.items() if v is None]:
+        try:
+            cfg = make_config({field_name: 64})
+            if all(_same_tree(tree_from_module(build_meta_model(classes[n], cfg)), t) for n, t in first_trees.items()):
+                free.append(field_name)
+                del pinned[field_name]
+        except Exception:
+            pass
+    derived = _derived(config_cls, default, sizes, probes, points, [*pinned, *bools])
+    # Integers no size depends on (max_position_embeddings, sliding_window...) took random values in every
+    # probe without changing the tree: they are free, and config.json may give them any value, null too.
+    used = set(re.findall(r"[A-Za-z_]\w*", json.dumps([out_classes, derived])))
+    for name in [k for k in sizes if k not in used]:
+        free.append(name)
+        del sizes[name]
+        derived.pop(name, None)
+    spec = {"sizes": sizes, "bools": bools, "pinned": pinned, "free": free, "derived": derived,
+            "auto": {a: c for a, c in auto.items() if c in out_classes}, "classes": out_classes}
+    return spec, skipped
+
+
+def _multipliers(sizes: dict[str, int], rng: random.Random) -> list[tuple[str, int, int]]:
+    """A random factor per size that keeps the default's divisibilities (hidden by heads, heads by kv...).
+
+    A size that divides a larger one by default still divides it, so a probe stays a config that
+    transformers accepts and whose sizes its modules split evenly, as real configs do.
+    """
+    factors: dict[str, int] = {}
+    for name, v in sorted(sizes.items(), key=lambda kv: kv[1]):
+        base = 1
+        for other, m in factors.items():
+            w = sizes[other]
+            if 1 < w < v and v % w == 0:
+                base = math.lcm(base, m)
+        factors[name] = base * rng.choice(MULTIPLIERS)
+    return [(k, sizes[k], factors[k]) for k in sizes]
+
+
+def _auto_name(task: str) -> str:
+    from lorafit.tree import TASK_TO_AUTO
+
+    return TASK_TO_AUTO[task]
+
+
+def _bool_roles(cls: type, bools: dict[str, bool], make_config: Any,
+                base: ModuleTree) -> tuple[dict[str, bool], dict[str, Any]]:
+    """Flip each boolean alone: free when the tree stays, the tie field when only tying follows it."""
+    pinned: dict[str, bool] = {}
+    tie: dict[str, Any] = {"value": base.tie_word_embeddings}
+    for name, value in bools.items():
+        try:
+            flipped = tree_from_module(build_meta_model(cls, make_config({name: not value})))
+        except Exception:
+            pinned[name] = value
+            continue
+        if _same_tree(flipped, base):
+            continue
+        if _same_tree(flipped, base, ignore=("tie_word_embeddings",)) and flipped.tie_word_embeddings == (not value):
+            tie = {"field": name}
+            continue
+        pinned[name] = value
+    return pinned, tie
+
+
+def _derived(config_cls: type, default: dict[str, Any], sizes: dict[str, int], probes: list[dict[str, Any]],
+             points: list[dict[str, int]], others: list[str]) -> dict[str, str | int | None]:
+    """Fields whose value, when config.json omits them, depends on other fields: an expression, or None."""
+    out: dict[str, str | int | None] = {}
+    for name in [*sizes, *others]:
+        if name == "num_labels":
+            continue
+        got = []
+        for changes in probes[1:]:
+            try:
+                cfg = config_cls(**{k: v for k, v in changes.items() if k != name})
+            except Exception:
+                got.append(None)  # the config needs it: a missing value is not derived, it is an error
+                continue
+            got.append(cfg.to_dict().get(name))
+        if all(g == default.get(name) for g in got):
+            continue
+        try:
+            if name not in sizes:
+                raise Unsupported(name)
+            pts = [{k: v for k, v in p.items() if k != name} for p in points[1:]]
+            out[name] = infer(pts, got)
+        except Unsupported:
+            out[name] = None
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_types", nargs="*", default=DEFAULT_TYPES)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    tv = installed_transformers()
+    if tv is None:
+        sys.exit("transformers is not installed")
+    path: Path = data_file(tv)
+    rng = random.Random(args.seed)
+    out: dict[str, Any] = {"schema": SCHEMA, "transformers": tv, "model_types": {}}
+    for mt in args.model_types:
+        spec, skipped = model_type_blueprint(mt, rng)
+        for s in skipped:
+            print(f"skipped {s}", file=sys.stderr)
+        if spec["classes"]:
+            out["model_types"][mt] = spec
+            print(f"{mt}: {', '.join(spec['classes'])}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
