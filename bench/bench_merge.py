@@ -16,7 +16,9 @@ It also compares lorafit's merged tensors with PEFT's bit for bit, and runs lora
 Fairness on a shared 2-core machine: before each job the script syncs (no job pays for an earlier job's
 dirty pages) and waits until the CPU is idle (a neighbour's test run skews timings 2x). All jobs read a
 warm page cache (the base was just written). lorafit caches module trees; each lorafit job gets a fresh,
-empty cache ("cold": imports transformers and builds the tree), and check runs a second time on it ("warm").
+empty cache ("cold": the tree comes from the shipped blueprint), check runs a second time on it ("warm"),
+and once more cold with LORAFIT_NO_BLUEPRINTS=1 ("no blueprint": imports transformers and builds the tree
+on the meta device, as for an architecture lorafit has no blueprint of).
 
     .venv/bin/python bench/bench_merge.py [--work DIR] [--keep]
 """
@@ -156,6 +158,22 @@ def write_adapter(out: Path, shape: str, base: str, r: int = 16, dtype: str = "f
     return sum(t.numel() for t in tensors.values())
 
 
+def setup(work: Path) -> None:
+    """Write whatever of the inputs is missing: the 1B base and adapter, the 8B/70B configs and adapters."""
+    base, adapter = work / "base-1b", work / "adapter-1b"
+    if not base.exists():
+        write_base(base)
+    if not adapter.exists():
+        write_adapter(adapter, "1b", str(base))
+    for shape in ("8b", "70b"):
+        d = work / f"config-{shape}"
+        if not d.exists():
+            d.mkdir(parents=True)
+            (d / "config.json").write_text(json.dumps(llama_config(shape), indent=2) + "\n")
+        if not (work / f"adapter-{shape}").exists():
+            write_adapter(work / f"adapter-{shape}", shape, str(d), dtype="bfloat16")
+
+
 def settle(max_wait: float = 600.0) -> None:
     """Flush dirty pages, then wait (bounded) until the CPU has been idle for 2 s."""
     import psutil
@@ -167,13 +185,14 @@ def settle(max_wait: float = 600.0) -> None:
 
 
 def run(cmd: list[str], label: str, cache: Path | None = None, repeat: int = 1, cold: bool = False,
-        before: Callable[[], None] | None = None) -> dict[str, Any]:
+        before: Callable[[], None] | None = None, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `cmd` `repeat` times, each after settle(): best and median wall, CPU time, peak RSS (wait4).
 
     cache: the LORAFIT_CACHE to use; cold=True empties it before every run. before: called before every run
     (e.g. to delete the previous run's output).
     """
-    env = {**ENV, "LORAFIT_CACHE": str(cache)} if cache else ENV
+    env = {**ENV, "LORAFIT_CACHE": str(cache)} if cache else dict(ENV)
+    env.update(env_extra or {})
     walls, cpus, rss, out, err, code = [], [], [], "", "", 0
     for _ in range(repeat):
         if before:
@@ -226,22 +245,18 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work dir (default: delete it at the end)")
     ap.add_argument("--workers", type=int, default=2, help="lorafit merge --workers")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each timed job (best and median reported)")
+    ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work: Path = args.work
     base, adapter = work / "base-1b", work / "adapter-1b"
+    if args.setup_only:
+        setup(work)
+        return
     print(f"setup in {work}", flush=True)
     t0 = time.perf_counter()
-    if not base.exists():
-        write_base(base)
-    if not adapter.exists():
-        write_adapter(adapter, "1b", str(base))
-    for shape in ("8b", "70b"):
-        d = work / f"config-{shape}"
-        if not d.exists():
-            d.mkdir(parents=True)
-            (d / "config.json").write_text(json.dumps(llama_config(shape), indent=2) + "\n")
-        if not (work / f"adapter-{shape}").exists():
-            write_adapter(work / f"adapter-{shape}", shape, str(d), dtype="bfloat16")
+    # In a child process: wait4's ru_maxrss of every later job would otherwise include this process's
+    # RSS at fork time, and generating the base takes torch and a 2 GB shard.
+    subprocess.run([PY, __file__, "--setup-only", "--work", str(work)], check=True)
     print(f"setup took {time.perf_counter() - t0:.0f} s", flush=True)
     base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     lorafit = [PY, "-m", "lorafit.cli"]
@@ -284,6 +299,9 @@ def main() -> None:
                                      repeat=k, cold=True)
         rows[f"check-{shape}-warm"] = run(cmd, f"lorafit check {shape.upper()} (warm tree cache)", caches / shape,
                                           repeat=k)
+        rows[f"check-{shape}-meta"] = run(cmd, f"lorafit check {shape.upper()} (no blueprint: meta build)",
+                                          caches / f"{shape}-meta", repeat=k, cold=True,
+                                          env_extra={"LORAFIT_NO_BLUEPRINTS": "1"})
     report = render(rows, base_bytes, n, bad, args.workers)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -327,8 +345,10 @@ def render(rows: dict[str, dict[str, Any]], base_bytes: int, compared: int, bad:
         f"{runs} times, each after `sync` and an idle CPU (the machine is shared: other users' jobs start "
         "mid-run, so the best of the runs is the estimate, the median shows the spread). Peak RSS is the kernel's "
         "high-water mark (wait4 ru_maxrss), the largest of the runs. Page cache warm for all jobs. "
-        f"lorafit merge --workers {workers}. Cold = empty lorafit tree cache (the process imports transformers and "
-        "builds the model tree on the meta device); warm = the cache filled by an earlier run.",
+        f"lorafit merge --workers {workers}. Cold = empty lorafit tree cache: the module tree comes from the "
+        "shipped Llama blueprint, with no torch or transformers import; warm = the tree cache filled by an "
+        "earlier run; no blueprint = cold with LORAFIT_NO_BLUEPRINTS=1, as for an architecture without a "
+        "blueprint: the process imports transformers and builds the tree on the meta device.",
         "",
         "| job | wall best (s) | wall median (s) | CPU (s) | peak RSS (MB) | compared |",
         "|---|---:|---:|---:|---:|---|",
@@ -344,9 +364,10 @@ def render(rows: dict[str, dict[str, Any]], base_bytes: int, compared: int, bad:
         f"| stock check 1B (load base + PeftModel.from_pretrained) | {_cells(sc)} | |",
     ]
     for shape in ("1b", "8b", "70b"):
-        for tag, key in (("cold", f"check-{shape}"), ("warm", f"check-{shape}-warm")):
+        for tag, key in (("cold", f"check-{shape}"), ("warm", f"check-{shape}-warm"),
+                         ("no blueprint", f"check-{shape}-meta")):
             r = rows[key]
-            one = rows["check-1b-warm" if tag == "warm" else "check-1b"]
+            one = rows[key.replace(shape, "1b")]
             vs = (f"{ratio(sc['wall_s'], r['wall_s'])} faster than stock" if shape == "1b"
                   else f"{ratio(r['wall_s'], one['wall_s'])} the 1B {tag} time")
             lines.append(f"| lorafit check {shape.upper()} ({tag}{', config only' if shape != '1b' else ''}) | "
@@ -373,7 +394,7 @@ def render(rows: dict[str, dict[str, Any]], base_bytes: int, compared: int, bad:
             f"| merge wall within 2x of cp ({tag}) | {_ok(r['wall_s'] <= 2 * c['wall_s'])} "
             f"({ratio(r['wall_s'], c['wall_s'])}) |",
         ]
-    for tag, suffix in (("cold", ""), ("warm", "-warm")):
+    for tag, suffix in (("cold", ""), ("warm", "-warm"), ("no blueprint", "-meta")):
         one = rows[f"check-1b{suffix}"]
         lines.append(f"| check >= 3x faster than stock on 1B ({tag}) | {_ok(sc['wall_s'] >= 3 * one['wall_s'])} "
                      f"({ratio(sc['wall_s'], one['wall_s'])}) |")

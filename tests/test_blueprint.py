@@ -181,3 +181,14 @@ def test_check_from_a_blueprint_imports_neither_torch_nor_transformers(bases: di
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(bases["llama"])], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True", "True"]
+
+
+def test_a_derived_field_left_out_is_never_taken_for_its_default() -> None:
+    """A pinned or size field that transformers derives from others has no default to fall back on."""
+    spec = {"sizes": {"hidden": 8, "head_dim": 4}, "pinned": {"window": None}, "free": [], "bools": {},
+            "derived": {"head_dim": "hidden/2", "window": None}}
+    assert blueprint.resolve_sizes(spec, {"hidden": 10, "window": None}) == {"hidden": 10, "head_dim": 5}
+    assert blueprint.resolve_sizes(spec, {"hidden": 10}) is None  # window would be derived: unknown
+    assert blueprint.resolve_sizes(spec, {"hidden": 9, "window": None}) is None  # 9/2 is not exact
+    assert blueprint.evaluate("3*n_embd/2", {"n_embd": 8}) == 12
+    assert blueprint.evaluate("hidden*kv/heads", {"hidden": 12, "kv": 2, "heads": 3}) == 8

@@ -125,11 +125,14 @@ def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int
     return values
 
 
+_UNKNOWN = object()  # equal to no pinned value
+
+
 def _given_or_default(config: dict[str, Any], spec: dict[str, Any], name: str, default: Any) -> Any:
-    """The config's value, else the class default; a missing derived field has no known value (None)."""
+    """The config's value, else the class default; a missing derived field has no value lorafit knows."""
     if name in config:
         return config[name]
-    return None if name in spec["derived"] else default
+    return _UNKNOWN if name in spec["derived"] else default
 
 
 def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | None = None) -> ModuleTree | None:
