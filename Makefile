@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench blueprints clean
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ test: lint
 
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py
+
+# Regenerate src/lorafit/blueprints/ for the pinned transformers (a few minutes); commit the result.
+blueprints: $(STAMP)
+	$(PY) tools/make_blueprints.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

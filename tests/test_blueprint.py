@@ -80,8 +80,8 @@ def assert_same_tree(drawn: ModuleTree, built: ModuleTree) -> None:
 
 
 def test_blueprints_ship_for_the_pinned_transformers() -> None:
-    assert DATA is not None, ("no blueprints for this transformers version: run "
-                              ".venv/bin/python tools/make_blueprints.py and commit src/lorafit/blueprints/")
+    assert DATA is not None, ("no blueprints for this transformers version: run `make blueprints` "
+                              "and commit src/lorafit/blueprints/")
     assert {"llama", "gpt2", "bert"} <= set(TYPES)
 
 

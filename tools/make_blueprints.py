@@ -193,7 +193,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
     sizes["num_labels"] = 2
     floats = [k for k, v in default.items() if isinstance(v, float) and not is_free_key(k)]
     bools = {k: v for k, v in default.items() if isinstance(v, bool) and not is_free_key(k)}
-    free = [k for k in floats]
+    free = list(floats)
     pinned = {k: v for k, v in default.items()
               if k not in sizes and k not in bools and k not in floats and not is_free_key(k)}
 
@@ -210,7 +210,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
 
     # Probe 0 is the default config; the others scale every size by its own random factor.
     probes: list[dict[str, Any]] = [{}]
-    while len(probes) <= PROBES:
+    for _ in range(50 * PROBES):
         changes: dict[str, Any] = {k: v * m for k, v, m in _multipliers(sizes, rng)}
         changes.update({k: default[k] * rng.choice([0.5, 0.75]) for k in floats})
         try:
@@ -220,6 +220,10 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
         except Exception:
             continue
         probes.append(changes)
+        if len(probes) > PROBES:
+            break
+    else:
+        raise Unsupported(f"{model_type}: no scaled config builds")
     configs = [make_config(c) for c in probes]
     points = [{k: (c.num_labels if k == "num_labels" else getattr(c, k)) for k in sizes} for c in configs]
 
@@ -338,8 +342,16 @@ def main() -> None:
     path: Path = data_file(tv)
     rng = random.Random(args.seed)
     out: dict[str, Any] = {"schema": SCHEMA, "transformers": tv, "model_types": {}}
+    if path.exists():  # regenerating some model types keeps the others
+        old = json.loads(path.read_text())
+        if old.get("schema") == SCHEMA and old.get("transformers") == tv:
+            out["model_types"] = {k: v for k, v in old["model_types"].items() if k not in args.model_types}
     for mt in args.model_types:
-        spec, skipped = model_type_blueprint(mt, rng)
+        try:
+            spec, skipped = model_type_blueprint(mt, rng)
+        except Exception as e:  # one architecture that does not fit must not stop the others
+            print(f"skipped {mt}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            continue
         for s in skipped:
             print(f"skipped {s}", file=sys.stderr)
         if spec["classes"]:
