@@ -172,15 +172,15 @@ def test_a_config_outside_the_blueprint_is_still_checked_right(bases: dict[str, 
 def test_check_from_a_blueprint_imports_neither_torch_nor_transformers(bases: dict[str, Path], tmp_path: Path) -> None:
     make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
     code = ("import sys, lorafit; r = lorafit.check(sys.argv[1], sys.argv[2], 'AutoModelForCausalLM'); "
-            "print(r.ok, 'torch' in sys.modules, 'transformers' in sys.modules)")
+            "print(r.ok, 'torch' in sys.modules, 'transformers' in sys.modules, r.target['tree_from'])")
     env = {**os.environ, "LORAFIT_NO_CACHE": "1"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(bases["llama"])], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "False", "False"]
+    assert out == ["True", "False", "False", "blueprint"]
     env["LORAFIT_NO_BLUEPRINTS"] = "1"
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(bases["llama"])], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "True", "True"]
+    assert out == ["True", "True", "True", "meta"]
 
 
 def test_a_derived_field_left_out_is_never_taken_for_its_default() -> None:

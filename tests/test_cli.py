@@ -60,12 +60,12 @@ def test_warm_check_imports_no_torch(bases: dict[str, Path], tmp_path: Path) -> 
     env = {"LORAFIT_CACHE": str(tmp_path / "cache"), "LORAFIT_NO_BLUEPRINTS": "1"}
     script = (f"import sys; from lorafit.checker import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
               "'AutoModel'); print(r.ok, [f.code for f in r.findings if f.severity == 'error'][:1], "
-              "'torch' in sys.modules)")
+              "r.target['tree_from'], 'torch' in sys.modules)")
     cold = _python(script, env)
     warm = _python(script, env)
     verdict_cold, torch_cold = cold.rsplit(" ", 1)
     verdict_warm, torch_warm = warm.rsplit(" ", 1)
-    assert verdict_cold == verdict_warm == "False ['layout-mismatch']"
+    assert verdict_cold == "False ['layout-mismatch'] meta" and verdict_warm == "False ['layout-mismatch'] cache"
     assert (torch_cold, torch_warm) == ("True", "False")
 
 

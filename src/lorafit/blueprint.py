@@ -166,7 +166,7 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
         tie_word_embeddings=bool(config.get(tie["field"], spec["bools"][tie["field"]]) if "field" in tie
                                  else tie["value"]),
         input_embeddings=bp["input_embeddings"], output_embeddings=bp["output_embeddings"], source=source,
-        converts_keys=bp["converts_keys"], tied=dict(bp["tied"]),
+        converts_keys=bp["converts_keys"], tied=dict(bp["tied"]), origin="blueprint",
     )
 
 

@@ -120,7 +120,7 @@ def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
     key = tree_cache.cache_key(config_bytes, name)
     cached = tree_cache.load(key)
     if cached is not None:
-        cached.source = str(model)
+        cached.source, cached.origin = str(model), "cache"
         return cached
     drawn = _from_blueprint(config_bytes, name, str(model))
     if drawn is not None:
@@ -128,6 +128,7 @@ def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
     config = load_config(model_dir)
     cls = resolve_class(name, config)
     tree = tree_from_module(build_meta_model(cls, config), source=str(model))
+    tree.origin = "meta"
     tree_cache.store(key, tree)
     return tree
 

@@ -56,12 +56,15 @@ class ModuleTree:
     # Parameters that are one tensor under several names, beyond the input/output embedding tie that
     # tie_word_embeddings describes: alias "model.encoder.embed_tokens.weight" -> "model.shared.weight" (BART).
     tied: dict[str, str] = field(default_factory=dict)
+    # Where the tree came from: "module" (a live model), "meta" (a meta-device build), "blueprint", "cache".
+    origin: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
             "class": self.class_name, "model_type": self.model_type, "source": self.source,
             "base_model_prefix": self.base_model_prefix, "modules": len(self.modules),
             "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_word_embeddings,
+            "tree_from": self.origin,
         }
 
 
@@ -126,7 +129,7 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
             out_emb = name
     cls = type(model)
     return ModuleTree(
-        tied=_tied_aliases(model, in_emb, out_emb),
+        tied=_tied_aliases(model, in_emb, out_emb), origin="module",
         class_name=cls.__name__, modules=modules,
         model_type=getattr(config, "model_type", None),
         base_model_prefix=getattr(model, "base_model_prefix", "") or "",
