@@ -9,7 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import load_model, make_adapter
+from lorafit import merge
 from lorafit.cli import app
+from lorafit.errors import CheckpointFormatError
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,8 @@ def test_truncated_shard(sharded: dict[str, Path], tmp_path: Path) -> None:
     code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
     assert_one_line_error(code, err, victim.name)
     assert "truncated" in err and not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointFormatError, match="truncated"):  # a model shard, not an adapter, is broken
+        merge(sharded["adapter"], base, tmp_path / "out")
 
 
 def test_base_without_safetensors(sharded: dict[str, Path], tmp_path: Path) -> None:

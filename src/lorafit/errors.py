@@ -21,6 +21,10 @@ class AdapterFormatError(LorafitError):
     """The adapter exists but cannot be read: bad JSON, unknown peft_type, corrupt tensors."""
 
 
+class CheckpointFormatError(LorafitError):
+    """A model checkpoint (a base or a merged model) exists but a shard cannot be read."""
+
+
 class ModelNotFoundError(LorafitError):
     """The base model is neither a local directory nor in the local HF cache."""
 

@@ -43,31 +43,33 @@ class TensorInfo:
         return self.numel * DTYPE_SIZES.get(self.dtype, 4)
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterFormatError
+                            ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse a safetensors header (8-byte length + JSON) without importing torch.
 
     Returns:
         (tensor infos by key, the `__metadata__` dict).
     Raises:
-        AdapterFormatError: the file is truncated or its header is not valid.
+        error (AdapterFormatError unless the caller reads a model checkpoint): the file is truncated or
+            its header is not valid.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise AdapterFormatError("truncated or corrupt safetensors file (shorter than its 8-byte header)", path)
+            raise error("truncated or corrupt safetensors file (shorter than its 8-byte header)", path)
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
-            raise AdapterFormatError(
+            raise error(
                 f"truncated or corrupt safetensors file (header says {n} bytes, file has {size})", path
             )
         raw = f.read(n)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise AdapterFormatError("corrupt safetensors file (its header is not valid JSON)", path) from None
+        raise error("corrupt safetensors file (its header is not valid JSON)", path) from None
     if not isinstance(header, dict):
-        raise AdapterFormatError("corrupt safetensors file (its header is not a JSON object)", path)
+        raise error("corrupt safetensors file (its header is not a JSON object)", path)
     metadata = header.pop("__metadata__", None) or {}
     infos: dict[str, TensorInfo] = {}
     data_len = size - 8 - n
@@ -77,16 +79,16 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             if not (type(start) is int and type(end) is int and 0 <= start <= end) or min(shape, default=0) < 0:
                 raise ValueError(key)
         except (KeyError, TypeError, ValueError):
-            raise AdapterFormatError(f"corrupt safetensors file (bad header entry for {key!r})", path) from None
+            raise error(f"corrupt safetensors file (bad header entry for {key!r})", path) from None
         info = TensorInfo(shape, dtype, 8 + n + start)
         if end > data_len:
-            raise AdapterFormatError(
+            raise error(
                 f"truncated or corrupt safetensors file (tensor {key!r} ends at byte {end}, "
                 f"only {data_len} data bytes present)",
                 path,
             )
         if end - start != info.nbytes:
-            raise AdapterFormatError(
+            raise error(
                 f"corrupt safetensors file (tensor {key!r} holds {end - start} bytes; shape {list(shape)} "
                 f"of {dtype} needs {info.nbytes})",
                 path,

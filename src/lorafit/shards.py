@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LorafitError
+from .errors import CheckpointFormatError, LorafitError
 from .io import DTYPE_SIZES, TensorInfo, read_safetensors_header
 
 if TYPE_CHECKING:
@@ -109,7 +109,8 @@ class Checkpoint:
             path = root / fname
             if not path.is_file():
                 raise LorafitError(f"shard named by {INDEX_NAME} is missing", path)
-            infos, _ = read_safetensors_header(path)  # validated, with each tensor's absolute data offset
+            # Validated, with each tensor's absolute data offset.
+            infos, _ = read_safetensors_header(path, CheckpointFormatError)
             wanted = files[fname] or sorted(infos)
             missing = [k for k in wanted if k not in infos]
             if missing:
