@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import make_adapter
 from lorafit import blueprint
 from lorafit.blueprint import tree_from_blueprint
-from lorafit.target import build_meta_model, resolve_class
+from lorafit.target import build_meta_model, load_config, resolve_class
 from lorafit.tree import ModuleTree, tree_from_module
 
 DATA = blueprint._load(blueprint.data_file(blueprint.installed_transformers() or ""))
@@ -68,8 +69,20 @@ def _config_json(tmp: Path, model_type: str, kw: dict[str, Any], full: bool) -> 
 
 
 def _built(config_json: dict[str, Any], class_name: str) -> ModuleTree:
-    config = transformers.AutoConfig.for_model(**config_json)
-    return tree_from_module(build_meta_model(resolve_class(class_name, config), config))
+    """The meta build the way lorafit does it without a blueprint: config.json on disk, AutoConfig.from_pretrained
+    (with its rewrites, e.g. mistral + layer_types -> ministral), the class, the meta device."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(config_json))
+        config = load_config(Path(d))
+        return tree_from_module(build_meta_model(resolve_class(class_name, config), config))
+
+
+def assert_right_or_none(config_json: dict[str, Any], class_name: str) -> ModuleTree | None:
+    """A blueprint may decline (None); when it answers, it is the meta build, which must then succeed."""
+    drawn = tree_from_blueprint(config_json, class_name)
+    if drawn is not None:
+        assert_same_tree(drawn, _built(config_json, class_name))
+    return drawn
 
 
 def assert_same_tree(drawn: ModuleTree, built: ModuleTree) -> None:
@@ -192,3 +205,78 @@ def test_a_derived_field_left_out_is_never_taken_for_its_default() -> None:
     assert blueprint.resolve_sizes(spec, {"hidden": 9, "window": None}) is None  # 9/2 is not exact
     assert blueprint.evaluate("3*n_embd/2", {"n_embd": 8}) == 12
     assert blueprint.evaluate("hidden*kv/heads", {"hidden": 12, "kv": 2, "heads": 3}) == 8
+
+
+SMALL_LLAMA = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                   num_attention_heads=2)
+SMALL_MISTRAL = dict(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize(("config", "class_name", "answers"), [
+    # qwen2 splits hidden_size with floor division when heads do not divide it: the blueprint declines
+    (dict(model_type="qwen2", vocab_size=64, hidden_size=30, intermediate_size=40, num_hidden_layers=1,
+          num_attention_heads=4, num_key_value_heads=4), "AutoModelForCausalLM", False),
+    # transformers applies num_labels last; id2label keys count as ints
+    ({**SMALL_LLAMA, "id2label": {"0": "NEG", "1": "POS"}, "num_labels": 1}, "AutoModelForSequenceClassification",
+     True),
+    ({**SMALL_LLAMA, "id2label": {"0": "a", "00": "b"}}, "AutoModelForSequenceClassification", True),
+    ({**SMALL_LLAMA, "id2label": {"0": "a", "1": "b", "2": "c"}}, "AutoModelForTokenClassification", True),
+    # AutoConfig reads mistral + layer_types as ministral
+    ({**SMALL_MISTRAL, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+     "AutoModelForCausalLM", False),
+    ({**SMALL_LLAMA, "pad_token_id": 64}, "AutoModelForCausalLM", False),  # Embedding rejects it
+    (dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+          num_attention_heads=4, layer_types=["full_attention"]), "AutoModelForCausalLM", False),
+    (dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+          num_attention_heads=4, layer_types=["full_attention", "sliding_attention"]), "AutoModel", True),
+    # keys hub configs carry that no 5.24 model code reads
+    (dict(model_type="gpt2", vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_ctx=64,
+          task_specific_params={"text-generation": {"do_sample": True}}), "AutoModelForCausalLM", True),
+    (dict(model_type="bert", vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+          intermediate_size=32, position_embedding_type="absolute"), "AutoModel", True),
+])
+def test_blueprint_is_right_or_declines(config: dict[str, Any], class_name: str, answers: bool) -> None:
+    assert (assert_right_or_none(config, class_name) is not None) == answers
+
+
+@st.composite
+def any_small_config(draw: Any) -> tuple[dict[str, Any], str]:
+    """Small sizes with no care for validity: heads need not divide anything, head_dim may be odd."""
+    model_type = draw(st.sampled_from(TYPES))
+    n = st.integers(1, 40)
+    if model_type == "gpt2":
+        cj: dict[str, Any] = dict(vocab_size=draw(n), n_embd=draw(n), n_layer=draw(st.integers(1, 3)),
+                                  n_head=draw(st.integers(1, 6)), n_positions=draw(n))
+    elif model_type == "bert":
+        cj = dict(vocab_size=draw(n), hidden_size=draw(n), num_hidden_layers=draw(st.integers(1, 3)),
+                  num_attention_heads=draw(st.integers(1, 6)), intermediate_size=draw(n),
+                  max_position_embeddings=draw(n), type_vocab_size=draw(st.integers(1, 3)))
+    else:
+        cj = dict(vocab_size=draw(n), hidden_size=draw(n), intermediate_size=draw(n),
+                  num_hidden_layers=draw(st.integers(1, 3)), num_attention_heads=draw(st.integers(1, 6)),
+                  num_key_value_heads=draw(st.integers(1, 6)))
+        if draw(st.booleans()):
+            cj["head_dim"] = draw(st.integers(1, 12))
+    if draw(st.booleans()):
+        cj["tie_word_embeddings"] = draw(st.booleans())
+    if draw(st.booleans()):
+        cj["num_labels"] = draw(st.integers(1, 5))
+    spec = DATA["model_types"][model_type]
+    return {"model_type": model_type, **cj}, draw(st.sampled_from(sorted(spec["auto"])))
+
+
+@settings(max_examples=120, deadline=None)
+@given(any_small_config())
+def test_on_any_config_a_blueprint_tree_is_the_meta_build(case: tuple[dict[str, Any], str]) -> None:
+    """The safety property: whatever the sizes, an answer equals the meta build. Declining is always allowed;
+    so is answering for a config transformers then refuses to build (documented: loading fails there anyway)."""
+    config, class_name = case
+    drawn = tree_from_blueprint(config, class_name)
+    if drawn is None:
+        return
+    try:
+        built = _built(config, class_name)
+    except Exception:  # transformers refuses the config: its error is what the user will see on load
+        return
+    assert_same_tree(drawn, built)

@@ -25,11 +25,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from lorafit.blueprint import SCHEMA, data_file, installed_transformers, is_free_key
+from lorafit.blueprint import FREE_IF_DEFINED, SCHEMA, data_file, installed_transformers, is_free_key
 from lorafit.target import build_meta_model
 from lorafit.tree import _AUTO_NAME_TABLES, ModuleInfo, ModuleTree, tree_from_module
 
 DEFAULT_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "bert"]
+# Keys hub config.json files carry that transformers' configs do not define. One is free for a model type
+# when neither its modeling and configuration code nor transformers' generic model code mention it.
+HUB_EXTRA_KEYS = ["n_ctx", "task_specific_params", "position_embedding_type", "gradient_checkpointing",
+                  "cache_implementation", "max_sequence_length", "is_llama_config", "rope_interleaved",
+                  "unsloth_version", "unsloth_fixed", "_attn_implementation_autoset", "hidden_act",
+                  "hidden_activation", "max_length", "temperature", "top_p", "top_k", "do_sample"]
 PROBES = 6
 MULTIPLIERS = range(1, 5)
 
@@ -193,9 +199,10 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
     sizes["num_labels"] = 2
     floats = [k for k, v in default.items() if isinstance(v, float) and not is_free_key(k)]
     bools = {k: v for k, v in default.items() if isinstance(v, bool) and not is_free_key(k)}
-    free = list(floats)
+    free = list(floats) + [k for k in default if k in FREE_IF_DEFINED]
+    free += [k for k in HUB_EXTRA_KEYS if k not in default and not _mentioned(k, config_cls)]
     pinned = {k: v for k, v in default.items()
-              if k not in sizes and k not in bools and k not in floats and not is_free_key(k)}
+              if k not in sizes and k not in bools and k not in free and not is_free_key(k)}
 
     classes: dict[str, type] = {}
     auto: dict[str, str] = {}
@@ -257,8 +264,103 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
         del sizes[name]
         derived.pop(name, None)
     spec = {"sizes": sizes, "bools": bools, "pinned": pinned, "free": free, "derived": derived,
+            "divides": _with_defaults(_divides(out_classes, derived, points)
+                                      + _enforced(default, classes, make_config), default),
+            "layers_field": _layers_field(out_classes),
             "auto": {a: c for a, c in auto.items() if c in out_classes}, "classes": out_classes}
     return spec, skipped
+
+
+def _expressions(node: Any) -> list[str]:
+    """Every size expression in blueprint rows or a derived table (strings holding an operator)."""
+    if isinstance(node, str):
+        return [node] if ("*" in node or "/" in node) else []
+    if isinstance(node, dict):
+        return [e for v in node.values() for e in _expressions(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in _expressions(v)]
+    return []
+
+
+def _divides(classes: dict[str, Any], derived: dict[str, Any], points: list[dict[str, int]]) -> list[list[str]]:
+    """[f, g] when g divides an expression that f multiplies, and g divided f in every probe.
+
+    The probes kept the default's divisibilities, so an expression is only known to hold where they hold:
+    a config where hidden_size is no multiple of num_attention_heads may be split with floor division.
+    """
+    pairs = set()
+    for expr in _expressions([classes, derived]):
+        num, _, den = expr.partition("/")
+        for g in den.split("/") if den else []:
+            for f in num.split("*"):
+                if f in points[0] and g in points[0] and all(p[f] % p[g] == 0 for p in points):
+                    pairs.add((f, g))
+    return [list(p) for p in sorted(pairs)]
+
+
+def _enforced(default: dict[str, Any], classes: dict[str, type], make_config: Any) -> list[list[str]]:
+    """[f, g] when g divides f by default and transformers refuses a config where it does not.
+
+    The generator breaks the divisibility by moving f, or g, and keeps the pair only when the error it
+    gets names both values ("hidden size (4128) is not a multiple of ... heads (32)"), so an error about
+    something else adds no constraint. A config that breaks one then gets no blueprint tree, and the meta
+    build raises transformers' own error, which check reports.
+    """
+    ints = {k: v for k, v in default.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v > 1 and not is_free_key(k)}
+    out = []
+    for f, g in itertools.permutations(ints, 2):
+        if not (ints[g] < ints[f] and ints[f] % ints[g] == 0):
+            continue
+        for fv, gv in ((ints[f] + 1, ints[g]), (ints[f], ints[g] + 1)):
+            values = list({**ints, f: fv, g: gv}.values())
+            if fv % gv == 0 or values.count(fv) > 1 or values.count(gv) > 1:
+                continue  # an error naming these numbers could be about another field that has them
+            try:
+                cfg = make_config({f: fv, g: gv})
+                for cls in classes.values():
+                    build_meta_model(cls, cfg)
+            except Exception as e:
+                said = f"{e} {e.__cause__}"
+                if re.search(rf"\b{fv}\b", said) and re.search(rf"\b{gv}\b", said):
+                    out.append([f, g])
+                    break
+    return out
+
+
+def _with_defaults(pairs: list[list[str]], default: dict[str, Any]) -> list[list[Any]]:
+    """Each [f, g] with the class defaults of both, for a config.json that leaves one out."""
+    seen = sorted({(f, g) for f, g in pairs})
+    return [[f, g, default.get(f, 2 if f == "num_labels" else None), default.get(g, 2 if g == "num_labels" else None)]
+            for f, g in seen]
+
+
+def _layers_field(classes: dict[str, Any]) -> str | None:
+    """The config field that counts the repeated layers (what layer_types must match in length)."""
+    for bp in classes.values():
+        for row in bp["rows"]:
+            if row[0] == "repeat" and isinstance(row[1], str) and row[1].isidentifier():
+                return str(row[1])
+    return None
+
+
+def _mentioned(key: str, config_cls: type) -> bool:
+    """Whether the model's own code or transformers' generic model code mentions `key` at all."""
+    import importlib
+    import inspect
+
+    import transformers.configuration_utils
+    import transformers.modeling_utils
+
+    package = config_cls.__module__.rsplit(".", 1)[0]
+    sources = [transformers.modeling_utils, transformers.configuration_utils,
+               importlib.import_module(config_cls.__module__)]
+    model_type = getattr(config_cls, "model_type", "")
+    try:
+        sources.append(importlib.import_module(f"{package}.modeling_{model_type}"))
+    except ImportError:
+        return True
+    return any(key in inspect.getsource(m) for m in sources)
 
 
 def _multipliers(sizes: dict[str, int], rng: random.Random) -> list[tuple[str, int, int]]:
@@ -316,13 +418,14 @@ def _derived(config_cls: type, default: dict[str, Any], sizes: dict[str, int], p
             try:
                 cfg = config_cls(**{k: v for k, v in changes.items() if k != name})
             except Exception:
-                got.append(None)  # the config needs it: a missing value is not derived, it is an error
-                continue
+                continue  # this probe's other sizes do not fit the default (validation): no evidence either way
             got.append(cfg.to_dict().get(name))
-        if all(g == default.get(name) for g in got):
-            continue
+        if got and all(g == default.get(name) for g in got):
+            continue  # omitted, it is the class default
         try:
             if name not in sizes:
+                raise Unsupported(name)
+            if len(got) != len(probes) - 1:
                 raise Unsupported(name)
             pts = [{k: v for k, v in p.items() if k != name} for p in points[1:]]
             out[name] = infer(pts, got)
@@ -340,7 +443,7 @@ def main() -> None:
     if tv is None:
         sys.exit("transformers is not installed")
     path: Path = data_file(tv)
-    rng = random.Random(args.seed)
+
     out: dict[str, Any] = {"schema": SCHEMA, "transformers": tv, "model_types": {}}
     if path.exists():  # regenerating some model types keeps the others
         old = json.loads(path.read_text())
@@ -348,7 +451,8 @@ def main() -> None:
             out["model_types"] = {k: v for k, v in old["model_types"].items() if k not in args.model_types}
     for mt in args.model_types:
         try:
-            spec, skipped = model_type_blueprint(mt, rng)
+            # One seed per model type: regenerating some types gives what a full run gives them.
+            spec, skipped = model_type_blueprint(mt, random.Random(f"{args.seed}:{mt}"))
         except Exception as e:  # one architecture that does not fit must not stop the others
             print(f"skipped {mt}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
             continue

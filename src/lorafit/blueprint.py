@@ -29,8 +29,11 @@ DATA_DIR = Path(__file__).parent / "blueprints"
 FREE_KEYS = frozenset({
     "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "model_type",
     "rope_parameters", "rope_scaling", "rope_theta", "id2label", "label2id", "num_labels", "problem_type",
-    "layer_types", "output_hidden_states", "output_attentions", "return_dict", "use_cache",
+    "output_hidden_states", "output_attentions", "return_dict", "use_cache",
 })
+# Free only for a model type whose config defines them (the generator lists them in its "free"): a
+# mistral config.json with layer_types is read by transformers as ministral.
+FREE_IF_DEFINED = frozenset({"layer_types"})
 _TOKEN_ID = re.compile(r".*_token_ids?$")
 _FACTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
 
@@ -100,8 +103,7 @@ def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int
     derived = spec["derived"]
     for name, default in spec["sizes"].items():
         if name == "num_labels":
-            labels = config.get("id2label")
-            v = len(labels) if isinstance(labels, dict) else config.get("num_labels", default)
+            v = _num_labels(config, default)
         elif name in config:
             v = config[name]
         elif name in derived:
@@ -122,7 +124,42 @@ def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int
             return None
     if any(name in config and not isinstance(config[name], bool) for name in spec["bools"]):
         return None
-    return values
+    return values if _consistent(spec, config, values) else None
+
+
+def _num_labels(config: dict[str, Any], default: int) -> int | None:
+    """transformers' count: num_labels when given (it is applied last), else id2label's distinct int keys."""
+    if "num_labels" in config:
+        n = config["num_labels"]
+        return n if isinstance(n, int) and not isinstance(n, bool) else None
+    labels = config.get("id2label")
+    if labels is None:
+        return default
+    try:
+        return len({int(k) for k in labels}) if isinstance(labels, dict) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _consistent(spec: dict[str, Any], config: dict[str, Any], values: dict[str, int]) -> bool:
+    """Relations every probe of the generator kept, and checks transformers makes that a blueprint would skip.
+
+    A size that divided another in every probe (hidden_size by num_attention_heads) must divide it here:
+    modules may split it with floor division, which the expressions do not model. A pad token must be a
+    row of the embedding, and layer_types must name every layer.
+    """
+    for f, g, f_default, g_default in spec.get("divides", []):
+        a = values.get(f, config.get(f, f_default))
+        b = values.get(g, config.get(g, g_default))
+        if not (isinstance(a, int) and isinstance(b, int) and b > 0 and a % b == 0):
+            return False
+    pad, vocab = config.get("pad_token_id"), values.get("vocab_size")
+    if isinstance(pad, int) and vocab is not None and not 0 <= pad < vocab:
+        return False
+    layers, kinds = spec.get("layers_field"), config.get("layer_types")
+    if kinds is None or layers not in values:
+        return True
+    return isinstance(kinds, list) and len(kinds) == values[layers]
 
 
 _UNKNOWN = object()  # equal to no pinned value

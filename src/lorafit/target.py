@@ -143,4 +143,9 @@ def _from_blueprint(config_bytes: bytes, class_name: str, source: str) -> Module
         config = json.loads(config_bytes)
     except ValueError:
         return None  # transformers' own reader gives the error message
-    return tree_from_blueprint(config, class_name, source) if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return None
+    try:
+        return tree_from_blueprint(config, class_name, source)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None  # a damaged blueprint file: the meta build is always right
