@@ -26,6 +26,8 @@ def test_help_explains_each_command(command: str) -> None:
     assert "Usage:" in out and command in out
     if command in ("check", "fix"):
         assert "--class" in out and "--base" in out and "--json" in out
+    if command in ("check", "fix", "merge"):  # where the module tree comes from, and how to force the meta build
+        assert "tree_from" in out and "LORAFIT_NO_BLUEPRINTS=1" in out
 
 
 def test_version_names_the_libraries() -> None:

@@ -119,7 +119,12 @@ def inspect(adapter: AdapterArg, as_json: JsonOpt = False,
     _run(lambda: run(adapter), as_json, show_modules=modules)
 
 
-@app.command()
+_TREE_ENV = ("The model's module tree comes from a cache, a shipped blueprint, or a meta-device build "
+             "(--json: target.tree_from). Environment: LORAFIT_CACHE=DIR, LORAFIT_NO_CACHE=1, "
+             "LORAFIT_NO_BLUEPRINTS=1, LORAFIT_DEBUG=1 (tracebacks).")
+
+
+@app.command(epilog=_TREE_ENV)
 def check(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None, key_mapping: MapOpt = None,
           as_json: JsonOpt = False) -> None:
     """Will ADAPTER land on BASE loaded with --class? Reads config and headers, no model weights."""
@@ -128,7 +133,7 @@ def check(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None, key_m
     _run(lambda: run(adapter, base, class_name, key_mapping), as_json)
 
 
-@app.command()
+@app.command(epilog=_TREE_ENV)
 def fix(adapter: AdapterArg, base: BaseOpt,
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the fixed adapter to.")],
         class_name: ClassOpt = None, key_mapping: MapOpt = None,
@@ -195,7 +200,7 @@ def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files i
     raise typer.Exit(run_demo(keep))
 
 
-@app.command()
+@app.command(epilog=_TREE_ENV)
 def merge(adapter: AdapterArg, base: BaseOpt,
           out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the merged model to.")],
           class_name: Annotated[str | None, typer.Option(
