@@ -395,10 +395,12 @@ def test_dora_flag_without_magnitudes(llama_adapter: Path) -> None:
     assert f.count == 6 and f.severity == "error"
 
 
-def test_magnitudes_without_dora_flag(bases: dict[str, Path], tmp_path: Path) -> None:
-    make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a", use_dora=True)
-    edit_config(tmp_path / "a", use_dora=False)
-    f = next(f for f in lorafit.inspect(tmp_path / "a").findings if f.code == "dora-mismatch")
+@pytest.mark.parametrize(("flag", "code"), [("use_dora", "dora-mismatch"), ("lora_bias", "bias-mismatch")])
+def test_tensors_without_their_config_flag(bases: dict[str, Path], tmp_path: Path, flag: str, code: str) -> None:
+    """DoRA magnitudes or LoRA biases saved, the flag that makes PEFT load them switched off."""
+    make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a", **{flag: True})
+    edit_config(tmp_path / "a", **{flag: False})
+    f = next(f for f in lorafit.inspect(tmp_path / "a").findings if f.code == code)
     assert f.count == 6
 
 
@@ -418,13 +420,6 @@ def test_lora_bias_flag_without_bias(llama_adapter: Path) -> None:
     edit_config(llama_adapter, lora_bias=True)
     f = next(f for f in lorafit.inspect(llama_adapter).findings if f.code == "bias-mismatch")
     assert f.count == 0 and "True" in f.message
-
-
-def test_bias_without_lora_bias_flag(bases: dict[str, Path], tmp_path: Path) -> None:
-    make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a", lora_bias=True)
-    edit_config(tmp_path / "a", lora_bias=False)
-    f = next(f for f in lorafit.inspect(tmp_path / "a").findings if f.code == "bias-mismatch")
-    assert f.count == 6
 
 
 def test_module_missing_lora_b_is_incomplete(llama_adapter: Path) -> None:
