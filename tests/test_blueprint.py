@@ -226,6 +226,7 @@ SMALL_MISTRAL = dict(model_type="mistral", vocab_size=64, hidden_size=32, interm
     ({**SMALL_MISTRAL, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
      "AutoModelForCausalLM", False),
     ({**SMALL_LLAMA, "pad_token_id": 64}, "AutoModelForCausalLM", False),  # Embedding rejects it
+    ({**SMALL_LLAMA, "head_dim": None, "num_key_value_heads": None}, "AutoModel", True),  # null: derived
     (dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
           num_attention_heads=4, layer_types=["full_attention"]), "AutoModelForCausalLM", False),
     (dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,

@@ -104,10 +104,10 @@ def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int
     for name, default in spec["sizes"].items():
         if name == "num_labels":
             v = _num_labels(config, default)
+        elif name in derived and config.get(name) is None:
+            continue  # left out or null: derived below, as transformers does, once every given value is known
         elif name in config:
             v = config[name]
-        elif name in derived:
-            continue  # resolved below, once every given value is known
         else:
             v = default
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
