@@ -205,6 +205,8 @@ def test_a_derived_field_left_out_is_never_taken_for_its_default() -> None:
     assert blueprint.resolve_sizes(spec, {"hidden": 9, "window": None}) is None  # 9/2 is not exact
     assert blueprint.evaluate("3*n_embd/2", {"n_embd": 8}) == 12
     assert blueprint.evaluate("hidden*kv/heads", {"hidden": 12, "kv": 2, "heads": 3}) == 8
+    assert blueprint.evaluate("2*hidden*kv/heads+hidden", {"hidden": 12, "kv": 2, "heads": 3}) == 28
+    assert blueprint.evaluate("2*hidden*kv/heads+hidden", {"hidden": 12, "kv": 1, "heads": 5}) is None
 
 
 SMALL_LLAMA = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -226,6 +228,11 @@ SMALL_MISTRAL = dict(model_type="mistral", vocab_size=64, hidden_size=32, interm
     ({**SMALL_MISTRAL, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
      "AutoModelForCausalLM", False),
     ({**SMALL_LLAMA, "pad_token_id": 64}, "AutoModelForCausalLM", False),  # Embedding rejects it
+    # Phi-3's fused qkv width is a sum of two terms; with heads that do not divide hidden_size it declines
+    (dict(model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=1, pad_token_id=0), "AutoModelForCausalLM", True),
+    (dict(model_type="phi3", vocab_size=64, hidden_size=30, intermediate_size=40, num_hidden_layers=2,
+          num_attention_heads=4, num_key_value_heads=1, pad_token_id=0), "AutoModelForCausalLM", False),
     ({**SMALL_LLAMA, "head_dim": None, "num_key_value_heads": None}, "AutoModel", True),  # null: derived
     (dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
           num_attention_heads=4, layer_types=["full_attention"]), "AutoModelForCausalLM", False),

@@ -6,9 +6,10 @@
 For each model type it builds every Auto class's model on the meta device, from the default config and
 from several probes whose integer fields are scaled by independent random factors, and finds for every
 size an expression in the config's integer fields that explains all of them (a field, a multiple, a
-product or a quotient of two, or a product of two over a third). Repeated layers become one repeat
-row. Booleans are flipped one at a time: one that changes the tree is pinned to its default. Anything
-it cannot explain is not written, and lorafit builds those trees on the meta device as before.
+product or a quotient of two, a product of two over a third, or the sum of two such terms). Repeated
+layers become one repeat row. Booleans are flipped one at a time: one that changes the tree is pinned
+to its default. Anything it cannot explain is not written, and lorafit builds those trees on the meta
+device as before.
 tests/test_blueprint.py checks the result against meta builds of independently chosen configs.
 """
 
@@ -71,7 +72,57 @@ def infer(points: list[dict[str, int]], targets: list[int | None]) -> int | str 
             return found.pop()
         if found:
             raise Unsupported(f"sizes {ts} fit {sorted(found)}")
-    raise Unsupported(f"no expression explains sizes {ts}")
+    found = _sums(points, ts, [m for tier in tiers for m in tier])
+    if len(found) == 1:
+        return found.pop()
+    raise Unsupported(f"sizes {ts} fit {sorted(found)}" if found else f"no expression explains sizes {ts}")
+
+
+def _sums(points: list[dict[str, int]], ts: list[int], monomials: list[tuple[tuple[str, ...], tuple[str, ...]]]
+          ) -> set[str]:
+    """Two terms, each a small multiple of a monomial, whose sum gives every target (Phi-3's fused qkv width,
+    heads*head_dim + 2*kv*head_dim). Screened in floats on all points, then confirmed exactly."""
+    values = []
+    for num, den in monomials:
+        row = []
+        for p in points:
+            v = 1.0
+            for f in num:
+                v *= p[f]
+            for g in den:
+                v = v / p[g] if p[g] else float("nan")
+            row.append(v)
+        values.append(row)
+    found = set()
+    a0, a1 = 0, 1
+    for i, j in itertools.combinations(range(len(monomials)), 2):
+        x, y = values[i], values[j]
+        det = x[a0] * y[a1] - x[a1] * y[a0]
+        if not det or det != det:
+            continue
+        c1 = (ts[a0] * y[a1] - ts[a1] * y[a0]) / det
+        c2 = (x[a0] * ts[a1] - x[a1] * ts[a0]) / det
+        if c1 <= 0 or c2 <= 0 or any(abs(c1 * x[k] + c2 * y[k] - ts[k]) > 1e-6 * ts[k] for k in range(len(ts))):
+            continue
+        terms = []
+        for c, (num, den) in ((c1, monomials[i]), (c2, monomials[j])):
+            frac = Fraction(c).limit_denominator(8)
+            if frac.numerator > 64 or abs(float(frac) - c) > 1e-9:
+                break
+            terms.append((frac, num, den))
+        else:
+            if all(sum(_exact(p, *t) for t in terms) == t_k for p, t_k in zip(points, ts, strict=True)):
+                found.add("+".join(sorted(_render(*t) for t in terms)))
+    return found
+
+
+def _exact(p: dict[str, int], c: Fraction, num: tuple[str, ...], den: tuple[str, ...]) -> Fraction:
+    v = Fraction(c)
+    for f in num:
+        v *= p[f]
+    for g in den:
+        v /= p[g]
+    return v
 
 
 def _coefficient(points: list[dict[str, int]], ts: list[int], num: tuple[str, ...],
@@ -274,7 +325,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
 def _expressions(node: Any) -> list[str]:
     """Every size expression in blueprint rows or a derived table (strings holding an operator)."""
     if isinstance(node, str):
-        return [node] if ("*" in node or "/" in node) else []
+        return [node] if any(op in node for op in "*/+") else []
     if isinstance(node, dict):
         return [e for v in node.values() for e in _expressions(v)]
     if isinstance(node, list):
@@ -289,7 +340,7 @@ def _divides(classes: dict[str, Any], derived: dict[str, Any], points: list[dict
     a config where hidden_size is no multiple of num_attention_heads may be split with floor division.
     """
     pairs = set()
-    for expr in _expressions([classes, derived]):
+    for expr in (term for e in _expressions([classes, derived]) for term in e.split("+")):
         num, _, den = expr.partition("/")
         for g in den.split("/") if den else []:
             for f in num.split("*"):

@@ -59,12 +59,15 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def evaluate(expr: str | int | None, values: dict[str, int]) -> int | None:
-    """An expression like "num_key_value_heads*head_dim" or "3*n_embd/2" on resolved config values.
+    """An expression like "num_key_value_heads*head_dim", "3*n_embd/2" or "a*b+2*c" on resolved config values.
 
     None when a field is missing or the division is not exact (the blueprint does not cover that config).
     """
     if expr is None or isinstance(expr, int):
         return expr
+    if "+" in expr:  # a sum of terms, each exact (Phi-3's fused qkv: heads*head_dim + 2*kv*head_dim)
+        terms = [evaluate(t, values) for t in expr.split("+")]
+        return None if any(t is None for t in terms) else sum(t for t in terms if t is not None)
     num, den = 1, 1
     for part, sign in _terms(expr):
         v = int(part) if part.isdigit() else values.get(part)
