@@ -28,7 +28,7 @@ from typing import Any
 
 from lorafit.blueprint import FREE_IF_DEFINED, SCHEMA, data_file, installed_transformers, is_free_key
 from lorafit.target import build_meta_model
-from lorafit.tree import _AUTO_NAME_TABLES, ModuleInfo, ModuleTree, tree_from_module
+from lorafit.tree import _AUTO_NAME_TABLES, TASK_TO_AUTO, ModuleInfo, ModuleTree, tree_from_module
 
 DEFAULT_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "bert"]
 # Keys hub config.json files carry that transformers' configs do not define. One is free for a model type
@@ -39,6 +39,9 @@ HUB_EXTRA_KEYS = ["n_ctx", "task_specific_params", "position_embedding_type", "g
                   "hidden_activation", "max_length", "temperature", "top_p", "top_k", "do_sample"]
 PROBES = 6
 MULTIPLIERS = range(1, 5)
+# What a blueprint must reproduce of a ModuleTree besides its modules.
+_TREE_ATTRS = ("class_name", "base_model_prefix", "can_generate", "implied_task_type", "vocab_size",
+               "tie_word_embeddings", "input_embeddings", "output_embeddings", "converts_keys", "tied")
 
 
 class Unsupported(Exception):
@@ -221,8 +224,9 @@ def class_blueprint(trees: list[ModuleTree], points: list[dict[str, int]]) -> di
             body = [_info_row(tpl, [p[k][3][j][1] for p in per_probe], points) for j, (tpl, _) in enumerate(row[3])]
             rows.append(["repeat", count, body])
     t0 = trees[0]
-    for attr in ("class_name", "base_model_prefix", "can_generate", "implied_task_type", "input_embeddings",
-                 "output_embeddings", "converts_keys", "tied"):
+    for attr in _TREE_ATTRS:
+        if attr in ("vocab_size", "tie_word_embeddings"):
+            continue  # a size expression and a config flag, not constants
         if len({json.dumps(getattr(t, attr), sort_keys=True) for t in trees}) != 1:
             raise Unsupported(f"{attr} changes with sizes")
     return {"rows": rows, "base_model_prefix": t0.base_model_prefix, "can_generate": t0.can_generate,
@@ -232,10 +236,8 @@ def class_blueprint(trees: list[ModuleTree], points: list[dict[str, int]]) -> di
 
 
 def _same_tree(a: ModuleTree, b: ModuleTree, ignore: tuple[str, ...] = ()) -> bool:
-    fields = ("class_name", "base_model_prefix", "can_generate", "implied_task_type", "vocab_size",
-              "tie_word_embeddings", "input_embeddings", "output_embeddings", "converts_keys", "tied")
     return list(a.modules.items()) == list(b.modules.items()) and all(
-        getattr(a, f) == getattr(b, f) for f in fields if f not in ignore)
+        getattr(a, f) == getattr(b, f) for f in _TREE_ATTRS if f not in ignore)
 
 
 def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str, Any], list[str]]:
@@ -260,7 +262,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
     for task, table in _AUTO_NAME_TABLES.items():
         name = getattr(modeling_auto, table, {}).get(model_type)
         if isinstance(name, str) and hasattr(transformers, name):
-            auto[_auto_name(task)] = name
+            auto[TASK_TO_AUTO[task]] = name
             classes[name] = getattr(transformers, name)
 
     def make_config(changes: dict[str, Any]) -> Any:
@@ -429,12 +431,6 @@ def _multipliers(sizes: dict[str, int], rng: random.Random) -> list[tuple[str, i
                 base = math.lcm(base, m)
         factors[name] = base * rng.choice(MULTIPLIERS)
     return [(k, sizes[k], factors[k]) for k in sizes]
-
-
-def _auto_name(task: str) -> str:
-    from lorafit.tree import TASK_TO_AUTO
-
-    return TASK_TO_AUTO[task]
 
 
 def _bool_roles(cls: type, bools: dict[str, bool], make_config: Any,

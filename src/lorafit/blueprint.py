@@ -211,13 +211,16 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
 
 
 def _info(row: list[Any], values: dict[str, int]) -> ModuleInfo | None:
+    """One row's ModuleInfo for these values, or None when one of its sizes cannot be evaluated."""
     _, kind, fin, fout, params = row
-    dims = {name: tuple(evaluate(d, values) for d in shape) for name, shape in params.items()}
-    feats = (evaluate(fin, values), evaluate(fout, values))
-    if any(d is None for shape in dims.values() for d in shape) or any(
-            f is None and e is not None for f, e in zip(feats, (fin, fout), strict=True)):
+    fin_v, fout_v = evaluate(fin, values), evaluate(fout, values)
+    shapes = {name: [evaluate(d, values) for d in shape] for name, shape in params.items()}
+    if (fin_v is None) != (fin is None) or (fout_v is None) != (fout is None):
         return None
-    return ModuleInfo(kind, feats[0], feats[1], {n: tuple(int(d) for d in s if d is not None) for n, s in dims.items()})
+    dims = {name: tuple(d for d in shape if d is not None) for name, shape in shapes.items()}
+    if any(len(dims[n]) != len(shapes[n]) for n in dims):
+        return None
+    return ModuleInfo(kind, fin_v, fout_v, dims)
 
 
 def _expand(rows: list[Any], values: dict[str, int]) -> dict[str, ModuleInfo] | None:
@@ -229,12 +232,12 @@ def _expand(rows: list[Any], values: dict[str, int]) -> dict[str, ModuleInfo] | 
             count = evaluate(count_expr, values)
             if count is None:
                 return None
-            infos = [(r[0], _info(r, values)) for r in body]
+            infos = [(str(r[0]), _info(r, values)) for r in body]
+            known = [(tpl, info) for tpl, info in infos if info is not None]
+            if len(known) != len(infos):
+                return None
             for i in range(count):
-                for tpl, info in infos:
-                    if info is None:
-                        return None
-                    out[tpl.replace("{i}", str(i))] = info
+                out.update((tpl.replace("{i}", str(i)), info) for tpl, info in known)
         else:
             info = _info(row, values)
             if info is None:
