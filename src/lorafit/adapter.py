@@ -8,7 +8,7 @@ here; tensor data is read on demand through `Adapter.tensor`.
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,7 @@ from . import patterns
 from .align import Entry
 from .config_check import validate_config
 from .errors import AdapterFormatError, AdapterNotFoundError, LorafitError
+from .inputs import load_json, open_regular
 from .io import TensorInfo, hf_hub_cache_dir, read_safetensors_header
 from .peft_schema import peft_types
 
@@ -177,19 +178,9 @@ def read_config(path: Path) -> dict[str, Any]:
         AdapterNotFoundError / AdapterFormatError: missing, empty, not JSON, or not a LoRA config.
     """
     cfg_path = path / CONFIG_NAME
-    if not cfg_path.exists():
+    if not os.path.lexists(cfg_path):
         raise AdapterNotFoundError(f"{CONFIG_NAME} is missing", path)
-    try:
-        text = cfg_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise AdapterFormatError("is not UTF-8 text", cfg_path) from None
-    if not text.strip():
-        raise AdapterFormatError("is empty", cfg_path)
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        where = f"{e.msg} at line {e.lineno}, column {e.colno}"
-        raise AdapterFormatError(f"is not valid JSON ({where})", cfg_path) from None
+    config = load_json(cfg_path, AdapterFormatError)
     if not isinstance(config, dict):
         raise AdapterFormatError("is not a JSON object", cfg_path)
     peft_type = config.get("peft_type")
@@ -211,13 +202,17 @@ _UNPICKLER_REASONS = (r"Unsupported global: GLOBAL \S+", r"Unsupported operand \
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a .bin that needs more than tensors is refused, never executed."""
+    """torch.load with weights_only=True: a .bin that needs more than tensors is refused, never executed.
+
+    Each tensor must be plain data that its file really holds (see _check_bin_tensor), before any use.
+    """
     import pickle
 
     import torch
 
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with open(open_regular(path, AdapterFormatError), "rb") as f:
+            data = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal escape codes
         found = [m.group(0).strip() for m in (re.search(p, text) for p in _UNPICKLER_REASONS) if m]
@@ -229,9 +224,37 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:
         why = f"{type(e).__name__}: {str(e)[:120]}"
         raise AdapterFormatError(f"is not a readable torch checkpoint ({why})", path) from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise AdapterFormatError("does not hold a flat dict of tensors", path)
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise AdapterFormatError("does not hold a flat dict of tensors by name", path)
+    for key, t in data.items():
+        _check_bin_tensor(str(key), t, path)
     return data
+
+
+def _check_bin_tensor(key: str, t: torch.Tensor, path: Path) -> None:
+    """Refuse a tensor that is not dense, real, on the CPU, and backed by its own storage without overlap.
+
+    weights_only admits `zeros(1).expand(60000, 60000)`: 4 bytes on disk, 14 GB once anything touches it.
+    A view may not need more elements than its storage holds, nor reach past its end.
+    """
+    import torch
+
+    if t.layout != torch.strided:
+        raise AdapterFormatError(f"tensor {key!r} is a {t.layout} tensor; LoRA weights are dense", path)
+    if t.device.type != "cpu":
+        raise AdapterFormatError(f"tensor {key!r} is on the {t.device.type} device and holds no data", path)
+    if t.dtype.is_complex or str(t.dtype).removeprefix("torch.") not in _TORCH_DTYPE_CODES:
+        raise AdapterFormatError(f"tensor {key!r} has dtype {t.dtype}; LoRA weights are real floating point "
+                                 f"({', '.join(_TORCH_DTYPE_CODES)})", path)
+    if t.numel() == 0:
+        return
+    size = t.untyped_storage().nbytes()
+    item = t.element_size()
+    reach = (t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * item
+    if t.numel() * item > size or reach > size or min(t.stride(), default=1) < 0:
+        raise AdapterFormatError(f"tensor {key!r} claims shape {list(t.shape)} over {size} stored bytes (an expanded "
+                                 "or overlapping view); re-save the adapter with plain tensors", path)
 
 
 def _read_infos(weights: Path) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, torch.Tensor]]:
@@ -239,7 +262,7 @@ def _read_infos(weights: Path) -> tuple[dict[str, TensorInfo], dict[str, str], d
         infos, metadata = read_safetensors_header(weights)
         return infos, metadata, {}
     tensors = _load_bin(weights)
-    infos = {k: TensorInfo(tuple(v.shape), _TORCH_DTYPE_CODES.get(str(v.dtype).removeprefix("torch."), "F32"))
+    infos = {k: TensorInfo(tuple(v.shape), _TORCH_DTYPE_CODES[str(v.dtype).removeprefix("torch.")])
              for k, v in tensors.items()}
     return infos, {}, tensors
 
@@ -294,14 +317,13 @@ def read_adapter(spec: str | Path, subfolder: str | None = None) -> Adapter:
 
 def _group_modules(adapter: Adapter) -> None:
     roles: dict[str, dict[str, str]] = {}
-    mts = adapter.config.get("modules_to_save") or []
     for key, info in adapter.infos.items():
         if not key.startswith(PEFT_PREFIX):
             adapter.unprefixed_keys.append(key)
         module, role, param = split_key(key)
         if role is None:
             kind = "other"
-            if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in mts):
+            if patterns.in_modules_to_save(adapter.config, module):
                 kind = "modules_to_save"
             elif module.endswith(".base_layer"):
                 kind = "embedding_base"

@@ -9,13 +9,13 @@ and a rewrite is accepted only when it is one-to-one and every shape agrees.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from . import user_regex
 from .patterns import is_targeted
 from .tree import ModuleTree
 
@@ -66,7 +66,7 @@ class Rewrite:
             return self._table.get(path, path)
         if self.regexes:
             for pattern, repl in self.regexes:
-                new, n = re.subn(pattern, repl, path)
+                new, n = user_regex.subn(pattern, repl, path)
                 if n:
                     return new
             return path

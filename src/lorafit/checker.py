@@ -14,6 +14,7 @@ from .adapter import Adapter, ensure_adapter, entries_of
 from .align import Alignment, align
 from .diagnose import adapter_findings, target_findings
 from .errors import LorafitError
+from .findings import Finding
 from .health import Health, tensor_health
 from .report import Report, ranges
 from .target import default_class_name
@@ -165,7 +166,20 @@ def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str
     Raises:
         LorafitError: unreadable adapter, unknown class, base not found locally.
     """
-    return run_check_for(adapter, base, class_name, key_mapping).report
+    from .target import CustomCodeRequired
+
+    try:
+        return run_check_for(adapter, base, class_name, key_mapping).report
+    except CustomCodeRequired as e:
+        return adapter_only_report("check", adapter, e.finding)
+
+
+def adapter_only_report(command: str, adapter: Adapter | str | Path, finding: Finding) -> Report:
+    """What a command can say without a module tree: the adapter's own findings, plus `finding` (why no tree)."""
+    report = inspect(adapter)
+    report.command = command
+    report.findings.append(finding)
+    return report
 
 
 def meta_model_thunk(base: str | Path, class_name: str) -> Callable[[], Any]:
@@ -175,8 +189,9 @@ def meta_model_thunk(base: str | Path, class_name: str) -> Callable[[], Any]:
     def build() -> Any:
         from .target import build_meta_model, load_config, resolve_class, resolve_model_dir
 
-        config = load_config(resolve_model_dir(base))
-        return build_meta_model(resolve_class(class_name, config), config)
+        model_dir = resolve_model_dir(base)
+        config = load_config(model_dir)
+        return build_meta_model(resolve_class(class_name, config), config, model_dir)
 
     return build
 
@@ -187,11 +202,16 @@ def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_n
     a = ensure_adapter(adapter)
     mapping = parse_key_mapping(key_mapping)
     if isinstance(base, (str, Path)):
-        from .target import tree_from_pretrained
+        from .target import custom_code_finding, read_model_config, resolve_model_dir, tree_from_pretrained
 
+        model_dir = resolve_model_dir(base)
+        note = custom_code_finding(model_dir, read_model_config(model_dir))
         name = class_name or default_class_name(a.task_type)
         tree = tree_from_pretrained(base, name)
-        return run_check(a, tree, name, mapping, base=str(base), model=meta_model_thunk(base, name))
+        checked = run_check(a, tree, name, mapping, base=str(base), model=meta_model_thunk(base, name))
+        if note is not None:
+            checked.report.findings.append(note)
+        return checked
     from .tree import tree_from_module
 
     tree = tree_from_module(base)

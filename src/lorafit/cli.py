@@ -51,6 +51,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON 
 MapOpt = Annotated[list[str] | None, typer.Option(
     "--key-mapping", "-k", help="Rewrite module paths with a regex, REGEX=REPLACEMENT (repeatable, first match "
     "wins), like PEFT's key_mapping. Overrides the automatic layout search.")]
+FollowOpt = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="Also read files that are symlinks out of the adapter or base directory. By default "
+    "they are refused, since their content would be copied into OUT.")]
 AdapterArg = Annotated[str, typer.Argument(help="Adapter directory (adapter_config.json + weights), a parent "
                                            "holding one adapter, or a hub id in the local HF cache.")]
 
@@ -138,7 +141,7 @@ def fix(adapter: AdapterArg, base: BaseOpt,
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the fixed adapter to.")],
         class_name: ClassOpt = None, key_mapping: MapOpt = None,
         force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
-        as_json: JsonOpt = False) -> None:
+        follow_symlinks: FollowOpt = False, as_json: JsonOpt = False) -> None:
     """Write a copy of ADAPTER that stock PEFT loads completely on BASE with --class.
 
     Tensors are copied bit for bit under remapped keys; the input is never modified; OUT appears only
@@ -146,7 +149,8 @@ def fix(adapter: AdapterArg, base: BaseOpt,
     """
     from .fixer import fix as run
 
-    _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force), as_json)
+    _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force,
+                     follow_symlinks=follow_symlinks), as_json)
 
 
 @app.command()
@@ -217,7 +221,7 @@ def merge(adapter: AdapterArg, base: BaseOpt,
                                                "memory grows with each.")] = 2,
           force: Annotated[bool, typer.Option("--force", help="Merge even when check reports errors; overwrite "
                                               "OUT.")] = False,
-          as_json: JsonOpt = False) -> None:
+          follow_symlinks: FollowOpt = False, as_json: JsonOpt = False) -> None:
     """Merge ADAPTER into BASE and write a full model to OUT, bit-identical to PEFT's merge_and_unload().
 
     Streams the base tensor by tensor (memory: about one tensor per worker plus the adapter). Refuses, with
@@ -228,7 +232,7 @@ def merge(adapter: AdapterArg, base: BaseOpt,
     progress = not as_json and sys.stderr.isatty()
     _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
                      safe_merge=safe_merge, max_shard_size=max_shard_size, force=force, workers=workers,
-                     progress=progress), as_json)
+                     progress=progress, follow_symlinks=follow_symlinks), as_json)
 
 
 @app.command("verify-merge")
@@ -244,9 +248,36 @@ def verify_merge(merged: Annotated[str, typer.Argument(help="Directory of the me
     _run(lambda: run(merged, base, adapter, class_name=class_name, key_mapping=key_mapping), as_json)
 
 
+class Terminated(BaseException):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread so that outputs in progress are removed as on Ctrl-C.
+
+    A BaseException, so that no `except Exception` on the way swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main() -> None:
-    """Entry point; usage errors exit 2 (click's convention), everything else as documented above."""
-    app()
+    """Entry point; usage errors exit 2 (click's convention), everything else as documented above.
+
+    SIGINT, SIGTERM (timeout, systemd, Kubernetes) and SIGHUP unwind the command alike, so a partial output
+    is removed; the process then exits 128 + the signal number, as a shell reports a signal.
+    """
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        app()
+    except Terminated as e:
+        sys.stderr.write(f"lorafit: stopped by {signal.Signals(e.signum).name}; no partial output was left behind\n")
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import patterns
 from .errors import AdapterFormatError
 from .peft_schema import task_types
 
 
-def _regex(value: str, field: str, path: Path) -> None:
+def _regex(value: str, field: str, path: Path, built: str | None = None) -> None:
+    """`value` must compile as PEFT uses it: alone, or spliced into the regex `built` that PEFT makes of it."""
     try:
-        re.compile(value)
+        re.compile(value if built is None else built)
     except re.error as e:
-        raise AdapterFormatError(f"{field} {value!r} is not a valid regex ({e})", path) from None
+        how = f"; PEFT builds {built!r} from it and re raises" if built is not None else ""
+        raise AdapterFormatError(f"{field} {value!r} is not a valid regex{how} ({e})", path) from None
 
 
 def _names(config: dict[str, Any], field: str, path: Path, regex_if_str: bool) -> None:
@@ -59,13 +62,15 @@ def validate_config(config: dict[str, Any], path: Path) -> None:
         if not isinstance(pattern, dict):
             raise AdapterFormatError(f"{name} must be an object of module pattern -> number, got {pattern!r}", path)
         for key, value in pattern.items():
-            _regex(key, f"{name} key", path)
+            _regex(key, f"{name} key", path, patterns.pattern_regex(key))
             if not _number(value) or (kind is int and not isinstance(value, int)):
                 raise AdapterFormatError(f"{name}[{key!r}] must be a{'n integer' if kind is int else ' number'}, "
                                          f"got {value!r}", path)
     _names(config, "target_modules", path, regex_if_str=True)
     _names(config, "exclude_modules", path, regex_if_str=True)
     _names(config, "modules_to_save", path, regex_if_str=False)
+    for name in config.get("modules_to_save") or []:
+        _regex(name, "modules_to_save entry", path, patterns.modules_to_save_regex(name))
     layers = config.get("layers_to_transform")
     if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
             isinstance(layers, list) and all(isinstance(x, int) for x in layers)):
@@ -74,3 +79,5 @@ def validate_config(config: dict[str, Any], path: Path) -> None:
     if pattern is not None and not isinstance(pattern, str) and not (
             isinstance(pattern, list) and all(isinstance(x, str) for x in pattern)):
         raise AdapterFormatError(f"layers_pattern must be a string or a list of strings, got {pattern!r}", path)
+    for p in [pattern] if isinstance(pattern, str) else pattern or []:
+        _regex(p, "layers_pattern", path, patterns.layers_regex(p))

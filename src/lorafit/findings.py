@@ -48,6 +48,12 @@ CATALOG: dict[str, tuple[str, str]] = {
     "merge-missing-tensor": (ERROR, "a base tensor is missing from the merged checkpoint"),
     "weights-untied": (INFO, "tied embeddings were untied because the adapter changes one side"),
     "merged": (INFO, "merge wrote the base checkpoint with the adapter merged in"),
+    "merge-config-differs": (ERROR, "the merged config.json disagrees with the base's on the model's structure"),
+    "merge-non-finite": (ERROR, "NaN or Inf in a merged weight where base and adapter are finite"),
+    # any command that reads a base or writes an output
+    "custom-code": (WARNING, "the base's config.json names custom code (auto_map), which lorafit never runs"),
+    "custom-code-required": (ERROR, "the base's model type exists only as custom code lorafit will not run"),
+    "stale-output-removed": (INFO, "leftovers of a killed lorafit run to the same output were cleaned up"),
 }
 
 

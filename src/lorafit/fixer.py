@@ -17,12 +17,14 @@ from typing import Any
 from . import __version__, patterns
 from .adapter import BIN_NAME, CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, Adapter, read_adapter, split_key
 from .align import Mapping_, Rewrite, split_wrapper
-from .checker import Checked, run_check, run_check_for
+from .checker import Checked, adapter_only_report, run_check, run_check_for
 from .diagnose import wrapped_without_tensors
 from .findings import Finding
-from .io import atomic_output_dir, write_json
+from .inputs import confined, open_regular
+from .io import write_json
+from .outputs import OutputDir
 from .report import Report
-from .target import resolve_model_dir
+from .target import CustomCodeRequired, resolve_model_dir
 
 # The findings fix is answerable for: after a fix none of these may remain.
 LANDING_CODES = {
@@ -43,7 +45,7 @@ class FixRefused(Exception):
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(open_regular(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -105,11 +107,19 @@ def fixed_config(checked: Checked, m: Mapping_) -> dict[str, Any]:
     return cfg
 
 
-def write_fixed(checked: Checked, out_dir: Path, source_desc: str | None = None) -> dict[str, Any]:
-    """Write the remapped adapter of `checked` into the existing empty dir `out_dir`. Returns provenance."""
+def write_fixed(checked: Checked, out_dir: Path, source_desc: str | None = None,
+                follow_symlinks: bool = True) -> dict[str, Any]:
+    """Write the remapped adapter of `checked` into the existing empty dir `out_dir`. Returns provenance.
+
+    Raises:
+        LorafitError: with follow_symlinks False, an adapter file is a symlink out of the adapter directory;
+            or a file to carry along is a FIFO or device.
+    """
     from safetensors.torch import save_file
 
     adapter, al = checked.adapter, checked.alignment
+    for f in (adapter.path / CONFIG_NAME, adapter.weights_path):
+        confined(f, adapter.path, follow_symlinks)
     m = al.chosen
     keymap = remap_keys(adapter, m)
     tensors = {keymap[k]: adapter.tensor(k).contiguous() for k in adapter.infos}
@@ -123,10 +133,15 @@ def write_fixed(checked: Checked, out_dir: Path, source_desc: str | None = None)
     }
     save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt", **provenance})
     write_json(out_dir / CONFIG_NAME, fixed_config(checked, m))
-    for f in adapter.path.iterdir():  # README, tokenizer files: carried along unchanged
-        if f.is_file() and f.name not in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME) and not f.name.startswith("."):
-            shutil.copy2(f, out_dir / f.name)
+    for f in sorted(adapter.path.iterdir()):  # README, tokenizer files: carried along unchanged
+        if f.name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME) or f.name.startswith(".") or f.is_dir():
+            continue
+        shutil.copyfile(confined(f, adapter.path, follow_symlinks), out_dir / f.name)
     return provenance
+
+
+def _cleaned(staging: OutputDir) -> list[Finding]:
+    return [Finding("stale-output-removed", line) for line in staging.cleaned]
 
 
 def _recheck(checked: Checked, out_dir: Path) -> Report:
@@ -134,18 +149,27 @@ def _recheck(checked: Checked, out_dir: Path) -> Report:
 
 
 def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, class_name: str | None = None,
-        key_mapping: Sequence[str] | dict[str, str] | None = None, force: bool = False) -> Report:
+        key_mapping: Sequence[str] | dict[str, str] | None = None, force: bool = False,
+        follow_symlinks: bool = False) -> Report:
     """Rewrite `adapter` so that `PeftModel.from_pretrained(C.from_pretrained(base), out)` loads it completely.
 
+    Args:
+        follow_symlinks: copy files that are symlinks out of the adapter directory (refused by default).
     Returns:
         a Report with command "fix". When `report.ok` is False nothing was written and the findings say why.
     Raises:
-        LorafitError: unreadable input, unknown class, base not found, `out` exists without force.
+        LorafitError: unreadable input, unknown class, base not found, `out` exists without force (or
+            appeared while writing), `out` inside an input, a symlink out of the adapter directory.
     """
-    checked = run_check_for(adapter, base, class_name, key_mapping)
+    out = Path(out)
+    try:
+        checked = run_check_for(adapter, base, class_name, key_mapping)
+    except CustomCodeRequired as e:
+        report = adapter_only_report("fix", adapter, e.finding)
+        report.result = {"written": False, "out": str(out)}
+        return report
     report = checked.report
     report.command = "fix"
-    out = Path(out)
     if checked.alignment.ambiguous:
         report.result = {"written": False, "out": str(out)}
         return report
@@ -153,8 +177,9 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
         inputs = [checked.adapter.path]
         if isinstance(base, (str, Path)):
             inputs.append(resolve_model_dir(base))
-        with atomic_output_dir(out, force=force, protect=inputs) as tmp:
-            provenance = write_fixed(checked, tmp)
+        staging = OutputDir(out, force=force, protect=inputs)
+        with staging as tmp:
+            provenance = write_fixed(checked, tmp, follow_symlinks=follow_symlinks)
             after = _recheck(checked, tmp)
             blocking = [f for f in after.findings if f.severity == "error"]
             if blocking:
@@ -165,6 +190,7 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
             if f.severity == "error":
                 f.message = f"after the best rewrite: {f.message}"
                 report.findings.append(f)
+        report.findings += _cleaned(staging)
         report.result = {"written": False, "out": str(out)}
         return report
     before = [f for f in report.findings if f.code in LANDING_CODES]
@@ -175,5 +201,6 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
         how += ", keys under base_model.model."
     report.findings.append(Finding("fixed", f"wrote {out} ({how}); "
                                    f"mended: {mended}"))
+    report.findings += _cleaned(staging)
     report.result = {"written": True, "out": str(out), **provenance}
     return report

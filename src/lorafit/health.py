@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .adapter import Adapter
 from .errors import AdapterFormatError
+from .inputs import open_regular, read_into
 
 # dtype code -> (unsigned view, exponent mask, mantissa mask)
 _FLOAT_BITS = {
@@ -52,9 +53,7 @@ def _raw_bits(adapter: Adapter, key: str, fd: int, buf: bytearray) -> _Bits | No
     n = info.nbytes
     if n == 0:
         return _Bits(zero=True, nan=False, inf=False)
-    got = os.preadv(fd, [memoryview(buf)[:n]], info.offset)
-    if got != n:
-        raise AdapterFormatError(f"truncated: tensor {key!r} is cut short", adapter.weights_path)
+    read_into(fd, memoryview(buf)[:n], info.offset, adapter.weights_path, AdapterFormatError)
     bits = np.frombuffer(buf, dtype=view, count=n // np.dtype(view).itemsize)
     kind = np.dtype(view).type
     e_mask = kind(exp)
@@ -103,7 +102,7 @@ def _scan_safetensors(adapter: Adapter) -> dict[str, _Bits]:
 
     def scan(share: list[str]) -> dict[str, _Bits]:
         buf = bytearray(max((adapter.infos[k].nbytes for k in share), default=0))
-        fd = os.open(adapter.weights_path, os.O_RDONLY)
+        fd = open_regular(adapter.weights_path, AdapterFormatError)
         try:
             out = {}
             for key in share:

@@ -1,18 +1,15 @@
-"""File helpers shared by the reader, fix and merge: safetensors headers without torch, atomic outputs."""
+"""safetensors headers without torch, and the HF cache location; shared by the reader, fix and merge."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterFormatError, LorafitError, OutputExistsError
+from .errors import AdapterFormatError, LorafitError
+from .inputs import no_duplicates, open_regular, parse_json, read_into
 
 # Bytes per element for each safetensors dtype code; used to check that a header fits its file.
 DTYPE_SIZES = {
@@ -47,15 +44,18 @@ def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterForma
                             ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse a safetensors header (8-byte length + JSON) without importing torch.
 
+    Held to what the safetensors library itself accepts: known dtypes, one entry per key, and data
+    offsets that tile the data section exactly (no overlap, no gap), so no tensor can alias another.
     Returns:
         (tensor infos by key, the `__metadata__` dict).
     Raises:
-        error (AdapterFormatError unless the caller reads a model checkpoint): the file is truncated or
-            its header is not valid.
+        error (AdapterFormatError unless the caller reads a model checkpoint): the file is not a regular
+            file, is truncated, or its header is not valid.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
+    fd = open_regular(path, error)
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
         if len(head) < 8:
             raise error("truncated or corrupt safetensors file (shorter than its 8-byte header)", path)
         (n,) = struct.unpack("<Q", head)
@@ -63,24 +63,31 @@ def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterForma
             raise error(
                 f"truncated or corrupt safetensors file (header says {n} bytes, file has {size})", path
             )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise error("corrupt safetensors file (its header is not valid JSON)", path) from None
+        raw = bytearray(n)
+        read_into(fd, memoryview(raw), 8, path, error)
+    finally:
+        os.close(fd)
+    header = parse_json(bytes(raw), path, error, "corrupt safetensors file: its header", pairs=no_duplicates)
     if not isinstance(header, dict):
         raise error("corrupt safetensors file (its header is not a JSON object)", path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise error("corrupt safetensors file (its __metadata__ is not a JSON object)", path)
     infos: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
     data_len = size - 8 - n
     for key, entry in header.items():
         try:
-            dtype, shape, (start, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-            if not (type(start) is int and type(end) is int and 0 <= start <= end) or min(shape, default=0) < 0:
+            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (type(start) is int and type(end) is int and 0 <= start <= end) or not isinstance(shape, list) \
+                    or not all(type(d) is int and d >= 0 for d in shape):
                 raise ValueError(key)
         except (KeyError, TypeError, ValueError):
             raise error(f"corrupt safetensors file (bad header entry for {key!r})", path) from None
-        info = TensorInfo(shape, dtype, 8 + n + start)
+        if dtype not in DTYPE_SIZES:
+            raise error(f"tensor {key!r} has dtype {dtype!r}, which lorafit does not handle (one of "
+                        f"{', '.join(DTYPE_SIZES)})", path)
+        info = TensorInfo(tuple(shape), dtype, 8 + n + start)
         if end > data_len:
             raise error(
                 f"truncated or corrupt safetensors file (tensor {key!r} ends at byte {end}, "
@@ -94,6 +101,14 @@ def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterForma
                 path,
             )
         infos[key] = info
+        spans.append((start, end, key))
+    expected = 0
+    for start, end, key in sorted(spans):
+        if start != expected:
+            what = "overlaps the tensor before it" if start < expected else f"leaves a gap at byte {expected}"
+            raise error(f"corrupt safetensors file (tensor {key!r} {what}; the safetensors library refuses this)",
+                        path)
+        expected = end
     return infos, metadata
 
 
@@ -111,46 +126,6 @@ def hf_hub_cache_dir() -> str:
     xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     home = env.get("HF_HOME") or os.path.join(xdg, "huggingface")
     return os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub")
-
-
-@contextmanager
-def atomic_output_dir(out: Path, force: bool = False, protect: Iterable[Path] = ()) -> Iterator[Path]:
-    """Yield a temp dir next to `out`; on success it replaces `out` in one rename, on failure it vanishes.
-
-    `protect` names the inputs: `out` may be none of them and contain none of them, even with force,
-    because replacing `out` would delete them.
-
-    Raises:
-        OutputExistsError: `out` exists and force is False.
-        LorafitError: `out` is or contains an input, or the parent of `out` cannot be written.
-    """
-    out = Path(out)
-    target = out.resolve()
-    for p in protect:
-        p = Path(p).resolve()
-        if p == target or target in p.parents:
-            raise LorafitError(f"output would replace the input {p}; write somewhere else", out)
-    if out.exists() and not force:
-        raise OutputExistsError("output already exists; pass --force to overwrite it", out)
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
-    except OSError as e:
-        raise LorafitError(f"cannot write the output here ({e.strerror})", out) from None
-    try:
-        yield tmp
-        if out.exists():
-            # Move the old one aside first so that no moment exists with neither in place.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, data: object) -> None:

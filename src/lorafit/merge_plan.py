@@ -17,7 +17,6 @@ every name lands on it in module order, as PEFT's in-place merges do.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -200,11 +199,15 @@ def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Mapping_, keys: Sequ
 
 def default_class(model_dir: Path) -> str | None:
     """The class the checkpoint was saved with (config.architectures[0]): its module paths are the tensor names."""
-    try:
-        archs = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
+    from .target import read_model_config
+
+    archs = read_model_config(model_dir).get("architectures")
+    if archs is None:
         return None
-    return str(archs[0]) if archs else None
+    if not isinstance(archs, list) or not all(isinstance(a, str) and a.isidentifier() for a in archs):
+        raise LorafitError(f"architectures must be a list of class names, got {str(archs)[:80]}",
+                           model_dir / "config.json")
+    return archs[0] if archs else None
 
 
 def check_for_merge(adapter: Any, model_dir: Path, class_name: str | None,

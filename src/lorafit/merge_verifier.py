@@ -11,7 +11,6 @@ be bit-identical to the base.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,14 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter
-from .checker import alignment_summary
+from .checker import adapter_only_report, alignment_summary
 from .errors import LorafitError
 from .findings import Finding
 from .merge_math import lora_dtype
 from .merge_plan import Delta, TensorPlan, build_plan, check_for_merge
 from .report import Report
-from .shards import _CHUNK, Checkpoint, torch_dtype
-from .target import resolve_model_dir
+from .shards import _CHUNK, FLOAT_CODES, TORCH_NAMES, Checkpoint, torch_dtype
+from .target import CustomCodeRequired, resolve_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -120,10 +119,12 @@ class _Row:
     max_abs_error: float
     max_eps: float  # largest error relative to the largest quantity in the computation, in dtype epsilons
     note: str = ""
+    non_finite: int = 0  # NaN or Inf elements where base and adapter are finite
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.name, "modules": self.modules, "ok": self.ok, "unchanged": self.unchanged,
-                "max_abs_error": self.max_abs_error, "max_error_eps": round(self.max_eps, 3), "note": self.note}
+                "max_abs_error": self.max_abs_error, "max_error_eps": round(self.max_eps, 3),
+                "non_finite": self.non_finite, "note": self.note}
 
 
 def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter: Adapter) -> _Row:
@@ -147,7 +148,7 @@ def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter:
     factors = [_factors(d, adapter, hp) for d in tp.deltas]
     whole = got.dim() < 2 or any(d.dora and d.kind != "linear" for d in tp.deltas)  # column norms need all rows
     step = got.shape[0] if whole else max(1, _BLOCK // max(1, got[0].numel()))
-    ok, max_err, max_rel = True, 0.0, 0.0
+    ok, max_err, max_rel, non_finite = True, 0.0, 0.0, 0
     for r0 in range(0, got.shape[0], step):
         rows = slice(r0, r0 + step)
         s = start[rows].to(hp)
@@ -156,23 +157,38 @@ def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter:
             w, extra, terms = _apply(w, f, rows, ldt_eps)
             slack += extra
             size = torch.maximum(size, terms)
-        err = (got[rows].to(hp) - w).abs()
+        g = got[rows].to(hp)
+        if not g.numel():
+            continue
+        finite = torch.isfinite(w)
+        if not bool(finite.all()):
+            # Where base or delta is not finite the merge must give the same value (NaN stays NaN); elsewhere
+            # the comparisons below hold. Non-finite expectations are left out of the error statistics.
+            same = (g[~finite] == w[~finite]) | (torch.isnan(g[~finite]) & torch.isnan(w[~finite]))
+            ok = ok and bool(same.all())
+            g, w, s, slack, size = (t[finite] for t in (g, w, s, slack, size))
+        bad = ~torch.isfinite(g)
+        if bool(bad.any()):  # NaN or Inf where base and adapter are finite: the merge broke the weight
+            non_finite += int(bad.sum())
+            ok = False
+            g, w, s, slack, size = (t[~bad] for t in (g, w, s, slack, size))
+        err = (g - w).abs()
         if not err.numel():
             continue
         if exact:
             ok = ok and bool((err == 0).all())
         else:
             # tolerance = ulp(w) + ulp(w - s) + slack. ulp(x) >= |x| eps/2, so elements within this lower bound
-            # pass; only the rest (few or none) need the exact ulps. NaN fails both comparisons, as it should.
+            # pass; only the rest (few or none) need the exact ulps.
             change = (w - s).abs()
-            suspect = err > (w.abs() + change) * (eps / 2) + slack
+            suspect = ~(err <= (w.abs() + change) * (eps / 2) + slack)
             if bool(suspect.any()):
                 tol = ulp(w[suspect], dt) + ulp((w - s)[suspect], dt) + slack[suspect]
                 ok = ok and bool((err[suspect] <= tol).all())
         magnitude = torch.maximum(w.abs(), size)  # the largest quantity the merge computed with
         max_err = max(max_err, float(err.max()))
         max_rel = max(max_rel, float((err / magnitude.clamp_min(torch.finfo(dt).tiny)).max()) / eps)
-    return _Row(tp.name, modules, ok, unchanged, max_err, max_rel)
+    return _Row(tp.name, modules, ok, unchanged, max_err, max_rel, non_finite=non_finite)
 
 
 def _bit_identical(base: Checkpoint, key: str, merged: Checkpoint, mkey: str) -> bool:
@@ -218,7 +234,10 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
 
     merged_dir, model_dir = Path(merged), resolve_model_dir(base)
     with Checkpoint.open(model_dir) as bck, Checkpoint.open(merged_dir) as mck:
-        checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
+        try:
+            checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
+        except CustomCodeRequired as e:
+            return adapter_only_report("verify-merge", adapter, e.finding)
         a = checked.adapter
         plan = build_plan(a, checked.tree, checked.alignment.chosen, list(bck.tensors), model_dir)
         if not plan.changes:
@@ -236,7 +255,8 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
             torch.set_num_threads(threads)
     changed = [n for n, eq in zip(same, identical, strict=True) if not eq]
     changed += [f"{n} (not in the base)" for n in mck.tensors if n not in plan.sources]
-    findings = _findings(rows, changed, missing, plan.untied, merged_dir, a, base)
+    dtypes = {TORCH_NAMES[t.dtype] for t in mck.tensors.values() if t.dtype in FLOAT_CODES}
+    findings = _findings(rows, changed, missing, plan.untied, merged_dir, a, base, model_dir, dtypes)
     bad = sum(not r.ok for r in rows)
     return Report("verify-merge", adapter=checked.report.adapter, target=checked.report.target,
                   alignment=alignment_summary(checked.alignment), findings=findings,
@@ -247,9 +267,16 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
 
 
 def _findings(rows: list[_Row], changed: list[str], missing: list[str], untied: list[str], merged_dir: Path,
-              adapter: Adapter, base: str | Path) -> list[Finding]:
+              adapter: Adapter, base: str | Path, model_dir: Path, merged_dtypes: set[str]) -> list[Finding]:
     findings: list[Finding] = []
-    bad = [r for r in rows if not r.ok]
+    broken = [r for r in rows if r.non_finite]
+    if broken:
+        total = sum(r.non_finite for r in broken)
+        findings.append(Finding("merge-non-finite", f"{total} values in {len(broken)} merged tensors are NaN or Inf "
+                                "where the base and the adapter are finite: the merged model is broken",
+                                [r.name for r in broken], count=len(broken),
+                                hint=f"lorafit merge {adapter.path} --base {base} -o MERGED"))
+    bad = [r for r in rows if not r.ok and not r.non_finite]
     if rows and len(bad) == len(rows) and all(r.unchanged for r in bad):
         findings.append(Finding("merge-unchanged", f"all {len(rows)} tensors the adapter changes are bit-identical to "
                                 "the base: the adapter was not merged", [r.name for r in bad],
@@ -262,12 +289,7 @@ def _findings(rows: list[_Row], changed: list[str], missing: list[str], untied: 
                                 f"base + ΔW beyond dtype rounding: {detail}worst {worst.name} off by "
                                 f"{worst.max_abs_error:.3g} ({worst.max_eps:.3g} eps) {worst.note}".rstrip(),
                                 [r.name for r in sorted(bad, key=lambda r: not r.unchanged)]))
-    if untied and (merged_dir / "config.json").exists():
-        config = json.loads((merged_dir / "config.json").read_text())
-        if config.get("tie_word_embeddings", True) is not False:
-            findings.append(Finding("merge-delta-wrong", "the merged embeddings are no longer tied, but config.json "
-                                    "does not say tie_word_embeddings=false: loading ties them again and loses the "
-                                    "trained side", untied))
+    findings += _config_findings(model_dir, merged_dir, merged_dtypes, untied)
     if changed:
         findings.append(Finding("merge-extra-change", f"{len(changed)} tensors the adapter does not touch differ "
                                 "from the base", changed))
@@ -275,3 +297,53 @@ def _findings(rows: list[_Row], changed: list[str], missing: list[str], untied: 
         findings.append(Finding("merge-missing-tensor", f"{len(missing)} base tensors are missing from the merged "
                                 "checkpoint", missing))
     return findings
+
+
+# Fields a correct merge may change: bookkeeping, and the dtype (checked against the tensors instead).
+_MAY_DIFFER = frozenset({"transformers_version", "_name_or_path", "_commit_hash", "dtype", "torch_dtype", "use_cache"})
+
+
+def _config_diff(base: dict[str, Any], merged: dict[str, Any], where: str = "") -> list[str]:
+    """Fields that differ between two configs, as 'field: base -> merged', nested configs included."""
+    out = []
+    for key in sorted(set(base) | set(merged), key=str):
+        if key in _MAY_DIFFER:
+            continue
+        b, m = base.get(key, "<absent>"), merged.get(key, "<absent>")
+        if isinstance(b, dict) and isinstance(m, dict):
+            out += _config_diff(b, m, f"{where}{key}.")
+        elif b != m:
+            out.append(f"{where}{key}: {str(b)[:60]} -> {str(m)[:60]}")
+    return out
+
+
+def _config_findings(model_dir: Path, merged_dir: Path, merged_dtypes: set[str], untied: list[str]) -> list[Finding]:
+    """The merged config.json must describe the base's model: same architecture and sizes, the tensors' dtype.
+
+    Tied embeddings written apart must say tie_word_embeddings=false (else loading ties them again).
+    """
+    from .target import read_model_config
+
+    path = merged_dir / "config.json"
+    try:
+        merged = read_model_config(merged_dir)
+    except LorafitError as e:
+        return [Finding("merge-config-differs", f"the merged model's config.json cannot be used: {e}", [str(path)])]
+    base = read_model_config(model_dir)
+    if untied:
+        if merged.get("tie_word_embeddings", True) is not False:
+            return [Finding("merge-delta-wrong", "the merged embeddings are no longer tied, but config.json does not "
+                            "say tie_word_embeddings=false: loading ties them again and loses the trained side",
+                            untied)]
+        base = {**base, "tie_word_embeddings": False}
+        for sub in ("text_config",):
+            if isinstance(base.get(sub), dict) and "tie_word_embeddings" in base[sub]:
+                base[sub] = {**base[sub], "tie_word_embeddings": False}
+    diffs = _config_diff(base, merged)
+    stated = merged.get("dtype") or merged.get("torch_dtype")
+    if isinstance(stated, str) and len(merged_dtypes) == 1 and stated.removeprefix("torch.") not in merged_dtypes:
+        diffs.append(f"dtype: config says {stated}, the merged weights are {next(iter(merged_dtypes))}")
+    if not diffs:
+        return []
+    return [Finding("merge-config-differs", f"the merged config.json differs from the base's in {len(diffs)} fields "
+                    "that describe the model: " + "; ".join(diffs[:3]), diffs)]

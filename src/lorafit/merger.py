@@ -10,7 +10,6 @@ imported libraries and the adapter instead of holding a copy each.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .adapter import Adapter
-from .checker import Checked, alignment_summary
+from .checker import Checked, adapter_only_report, alignment_summary
 from .diagnose import rule_coverage
 from .errors import LorafitError, OutputExistsError
 from .findings import Finding
-from .io import DTYPE_SIZES, atomic_output_dir, write_json
+from .inputs import confined, load_json
+from .io import DTYPE_SIZES, write_json
 from .merge_math import Scratch, adds_rounded_delta, apply_delta, lora_dtype, merge_block, product, row_blocks
 from .merge_plan import MergePlan, TensorPlan, build_plan, check_for_merge
+from .outputs import OutputDir
 from .report import Report
 from .shards import (
     CODES,
@@ -42,7 +43,7 @@ from .shards import (
     torch_dtype,
     write_index,
 )
-from .target import resolve_model_dir
+from .target import CustomCodeRequired, resolve_model_dir
 
 if TYPE_CHECKING:
     import torch
@@ -251,7 +252,12 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lorafit-merge") as pool:
             futures = [pool.submit(job, name) for name in plan.order]
-            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # a signal: stop queued work now, not after the whole model is written
+                for g in futures:
+                    g.cancel()
+                raise
             for f in done:
                 if f.exception() is not None:
                     for g in futures:
@@ -261,18 +267,24 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
         torch.set_num_threads(threads)
 
 
-def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: str | None) -> list[str]:
+def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: str | None,
+                       follow_symlinks: bool = False) -> list[str]:
     """Copy config, generation config, tokenizer and every other non-weight file of the base; returns their names.
 
     config.json is rewritten only when the merge changes what it must say (untied embeddings, --dtype).
     Sub-directories are not copied: they hold other formats of the weights (e.g. original/*.pth).
+    Raises:
+        LorafitError: a file is a symlink out of the base directory (unless follow_symlinks), a FIFO or device.
     """
     copied = []
     for f in sorted(model_dir.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or _WEIGHT_FILE.fullmatch(f.name):
+        if f.is_dir() or f.name.startswith(".") or _WEIGHT_FILE.fullmatch(f.name):
             continue
+        confined(f, model_dir, follow_symlinks)
         if f.name == "config.json" and (untied or out_dtype):
-            config = json.loads(f.read_text())
+            config = load_json(f)
+            if not isinstance(config, dict):
+                raise LorafitError("is not a JSON object", f)
             if untied:
                 config["tie_word_embeddings"] = False
                 if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
@@ -283,7 +295,7 @@ def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: 
                         config[k] = out_dtype
             write_json(out_dir / f.name, config)
         else:
-            shutil.copy2(f, out_dir / f.name)
+            shutil.copyfile(f, out_dir / f.name)
         copied.append(f.name)
     return copied
 
@@ -291,7 +303,7 @@ def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: 
 def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, class_name: str | None = None,
           key_mapping: Sequence[str] | dict[str, str] | None = None, dtype: str | None = None,
           safe_merge: bool = False, max_shard_size: str | int = "5GB", force: bool = False, workers: int = 2,
-          progress: bool = False) -> Report:
+          progress: bool = False, follow_symlinks: bool = False) -> Report:
     """Merge `adapter` into the base checkpoint and write a full model to `out`, bit-identical to PEFT's merge.
 
     Args:
@@ -306,20 +318,30 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
         force: merge even when check reports errors, and overwrite `out`.
         workers: threads merging tensors at once (memory grows with each).
         progress: show a progress bar on stderr.
+        follow_symlinks: read files that are symlinks out of the base or adapter directory (refused by default,
+            since their content would land in the output).
     Returns:
         the Report (command "merge"). With an error finding and no force, nothing is written.
     Raises:
-        LorafitError: unreadable adapter or base, a missing or truncated shard, `out` exists or cannot be written.
+        LorafitError: unreadable adapter or base, a missing or truncated shard, `out` exists (or appeared while
+            writing) or cannot be written, `out` inside an input, a symlink out of an input directory.
     """
     out = Path(out)
     out_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    if out.exists() and not force:
+    if os.path.lexists(out) and not force:
         raise OutputExistsError("output already exists; pass --force to overwrite it", out)
     model_dir = resolve_model_dir(base)
     t0 = time.perf_counter()
-    with Checkpoint.open(model_dir) as ckpt:
-        checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
+    with Checkpoint.open(model_dir, follow_symlinks=follow_symlinks) as ckpt:
+        try:
+            checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
+        except CustomCodeRequired as e:
+            report = adapter_only_report("merge", adapter, e.finding)
+            report.result = {"written": False, "out": str(out)}
+            return report
+        for f in (checked.adapter.path / "adapter_config.json", checked.adapter.weights_path):
+            confined(f, checked.adapter.path, follow_symlinks)
         report = Report("merge", adapter=checked.report.adapter, target=checked.report.target,
                         alignment=alignment_summary(checked.alignment), findings=merge_findings(checked))
         if not report.ok and not force:
@@ -334,7 +356,8 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
         total = sum(s.size for s in shards)
         bar = _Progress(total, progress)
         try:
-            with atomic_output_dir(out, force=force, protect=[model_dir, checked.adapter.path]) as tmp:
+            staging = OutputDir(out, force=force, protect=[model_dir, checked.adapter.path])
+            with staging as tmp:
                 writer = ShardWriter(tmp, shards)
                 try:
                     execute(plan, ckpt, checked.adapter, writer, codes, out_dtype, safe_merge, workers, bar.add)
@@ -342,13 +365,14 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
                     writer.close()
                 write_index(tmp, shards)
                 try:
-                    copied = copy_support_files(model_dir, tmp, bool(plan.untied), out_dtype)
+                    copied = copy_support_files(model_dir, tmp, bool(plan.untied), out_dtype, follow_symlinks)
                 except OSError as e:
                     raise LorafitError(f"cannot copy the base's files ({e.strerror})", out) from None
         finally:
             bar.close()
     seconds = time.perf_counter() - t0
     _report_result(report, plan, checked, out, shards, total, seconds, out_dtype, safe_merge, copied, workers)
+    report.findings += [Finding("stale-output-removed", line) for line in staging.cleaned]
     return report
 
 

@@ -9,15 +9,26 @@ against PEFT's own functions on generated keys.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from . import user_regex
+
+
+def pattern_regex(key: str) -> str:
+    """The regex PEFT builds from a rank_pattern / alpha_pattern key (get_pattern_key)."""
+    return rf"(.*\.)?({key})$"
+
+
+def layers_regex(layers_pattern: str) -> str:
+    """The regex PEFT builds from one layers_pattern entry to find the layer index."""
+    return rf"(?:^|.*?\.){layers_pattern}\.(?P<idx>\d+)\."
 
 
 def pattern_key(pattern_keys: Sequence[str], module_path: str) -> str | None:
     """Return the first pattern key that matches `module_path` as PEFT does (a dotted suffix regex), or None."""
     for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module_path):
+        if user_regex.match(pattern_regex(key), module_path):
             return key
     return None
 
@@ -55,8 +66,14 @@ def is_wrapped(names: Sequence[str], path: str) -> bool:
     return any(path.endswith(n) for n in names)
 
 
-def _in_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in (config.get("modules_to_save") or []))
+def modules_to_save_regex(name: str) -> str:
+    """The regex PEFT builds from a modules_to_save entry to keep it out of targeting (the entry is spliced in)."""
+    return rf"(^|.*\.){name}($|\..*)"
+
+
+def in_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
+    """True when `path` is a module named in modules_to_save, or inside one, by PEFT's regex rule."""
+    return any(user_regex.match(modules_to_save_regex(m), path) for m in (config.get("modules_to_save") or []))
 
 
 def _excluded(config: Mapping[str, Any], path: str) -> bool:
@@ -64,7 +81,7 @@ def _excluded(config: Mapping[str, Any], path: str) -> bool:
     if not exclude:
         return False
     if isinstance(exclude, str):
-        return re.fullmatch(exclude, path) is not None
+        return user_regex.fullmatch(exclude, path) is not None
     return path in exclude or any(path.endswith(f".{e}") for e in exclude)
 
 
@@ -75,10 +92,10 @@ def _layer_index_ok(config: Mapping[str, Any], path: str) -> bool:
     pattern = config.get("layers_pattern")
     match = None
     if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+        match = user_regex.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
     else:
         for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path)
+            match = user_regex.match(layers_regex(p), path)
             if match:
                 break
     if not match:
@@ -89,13 +106,13 @@ def _layer_index_ok(config: Mapping[str, Any], path: str) -> bool:
 
 def is_targeted(config: Mapping[str, Any], path: str) -> bool:
     """True when PEFT would put a LoRA layer on the module at `path` (target_modules, exclusions, layers)."""
-    if _excluded(config, path) or _in_modules_to_save(config, path):
+    if _excluded(config, path) or in_modules_to_save(config, path):
         return False
     targets = config.get("target_modules")
     if targets is None:
         return False
     if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
+        return user_regex.fullmatch(targets, path) is not None
     if path in targets:
         return True
     if not any(path.endswith(f".{t}") for t in targets):

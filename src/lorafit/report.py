@@ -7,6 +7,7 @@ added, never renamed or removed within a schema version.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,19 @@ class Report:
         }
 
     def dumps(self) -> str:
-        return json.dumps(self.to_json(), indent=2, default=str)
+        """Strict JSON: a non-finite number (an error that is NaN or infinite) is written as null."""
+        return json.dumps(_finite(self.to_json()), indent=2, default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by None, so the output is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 _STYLE = {ERROR: "bold red", WARNING: "yellow", INFO: "cyan"}
@@ -73,7 +86,9 @@ def _short(value: Any) -> str:
 def render(report: Report, console: Any = None, show_modules: bool = False) -> None:
     """Print the report for people: summaries, findings with hints, and a verdict line."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     console = console or Console()
     summary = Table.grid(padding=(0, 2))
@@ -81,29 +96,30 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
     summary.add_column()
     for title, data in (("adapter", report.adapter), ("target", report.target)):
         if data:
-            summary.add_row(title, ", ".join(f"{k}={_short(v)}" for k, v in data.items()
-                                             if v not in (None, "", [], {}) and k not in _HIDDEN))
+            summary.add_row(title, Text(", ".join(f"{k}={_short(v)}" for k, v in data.items()
+                                                  if v not in (None, "", [], {}) and k not in _HIDDEN)))
     if report.alignment:
         a = report.alignment
         how = a["rewrite"].get("description", a["rewrite"])
-        summary.add_row("alignment", f"as saved {a['lands_as_is']}/{a['total']} land; best rewrite '{how}' "
-                        f"lands {a['lands_after_rewrite']}/{a['total']}")
+        summary.add_row("alignment", Text(f"as saved {a['lands_as_is']}/{a['total']} land; best rewrite '{how}' "
+                                          f"lands {a['lands_after_rewrite']}/{a['total']}"))
     for k, v in report.result.items():
         if isinstance(v, (str, int, float, bool)):
-            summary.add_row(k, str(v))
+            summary.add_row(k, Text(str(v)))
     console.print(summary)
     if show_modules and report.modules:
         _render_modules(report, console)
     hints_shown: set[str] = set()
     for f in sort_findings(report.findings):
-        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {f.message}", highlight=False)
+        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {escape(f.message)}",
+                      highlight=False)
         for k in f.keys[:3]:
-            console.print(f"          e.g. {k}", highlight=False, style="dim")
+            console.print(Text(f"          e.g. {k}", style="dim"), highlight=False)
         if f.count and f.count > min(3, len(f.keys)):
             console.print(f"          (+{f.count - min(3, len(f.keys))} more)", style="dim")
         if f.hint and f.hint not in hints_shown:
             hints_shown.add(f.hint)
-            console.print(f"          fix: [green]{f.hint}[/]", highlight=False)
+            console.print(f"          fix: [green]{escape(f.hint)}[/]", highlight=False)
     verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/] ({len(report.errors())} error findings)"
     console.print(f"{report.command}: {verdict}")
 
@@ -111,6 +127,7 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
 def _render_modules(report: Report, console: Any) -> None:
     """One row per module name and hyper-parameters, with the layers it covers (224 rows would bury it)."""
     from rich.table import Table
+    from rich.text import Text
 
     cols = ["kind", "r", "alpha", "scaling", "in", "out", "dtype", "dora", "bias", "health"]
     groups: dict[tuple[Any, ...], list[str]] = {}
@@ -125,7 +142,7 @@ def _render_modules(report: Report, console: Any) -> None:
         table.add_column(c, overflow="fold")
     for key, layers in groups.items():
         nums = sorted(int(x) for x in layers if x)
-        table.add_row(key[0], ranges(nums), *key[1:])
+        table.add_row(*(Text(str(c)) for c in (key[0], ranges(nums), *key[1:])))
     console.print(table)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointFormatError, LorafitError
+from .inputs import confined, load_json, open_regular, read_into
 from .io import DTYPE_SIZES, TensorInfo, read_safetensors_header
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ CODES = {v: k for k, v in TORCH_NAMES.items()}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
 _CHUNK = 16 << 20  # bytes per copy or compare step: bounds memory for tensors of any size
 _MAX_IO = 1 << 30  # Linux moves at most ~2 GiB per read/write call
+_SHARD_NAME = re.compile(r"[^/\\\x00]+")  # a bare file name: no directory part, absolute or relative
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -77,8 +79,11 @@ class Checkpoint:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, root: Path) -> Checkpoint:
+    def open(cls, root: Path, follow_symlinks: bool | None = None) -> Checkpoint:
         """Read the index (if any) and every shard header; nothing else.
+
+        With `follow_symlinks` False (merge copies shard data into its output), a shard that is a symlink
+        out of `root` is refused; None reads wherever the files point (verification only reads).
 
         Raises:
             LorafitError: no safetensors weights, an index naming a missing shard or a key its shard lacks,
@@ -90,13 +95,15 @@ class Checkpoint:
         index: Path | None = root / INDEX_NAME
         files: dict[str, list[str]] = {}
         if index is not None and index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise LorafitError("is not a valid safetensors index (no weight_map object)", index) from None
+            data = load_json(index, CheckpointFormatError)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict):
+                raise CheckpointFormatError("is not a valid safetensors index (no weight_map object)", index)
             for key, fname in weight_map.items():
-                files.setdefault(str(fname), []).append(key)
+                if not isinstance(fname, str) or not _SHARD_NAME.fullmatch(fname) or fname in (".", ".."):
+                    raise CheckpointFormatError(f"names the shard {fname!r} for {key!r}; a shard must be a plain "
+                                                "file name in the checkpoint's own directory", index)
+                files.setdefault(fname, []).append(key)
         elif (root / SINGLE_NAME).exists():
             index, files[SINGLE_NAME] = None, []
         else:
@@ -107,8 +114,10 @@ class Checkpoint:
         tensors: dict[str, Stored] = {}
         for fname in sorted(files):
             path = root / fname
-            if not path.is_file():
-                raise LorafitError(f"shard named by {INDEX_NAME} is missing", path)
+            if not os.path.lexists(path):
+                raise CheckpointFormatError(f"shard named by {INDEX_NAME} is missing", path)
+            if follow_symlinks is not None:
+                confined(path, root, follow_symlinks, CheckpointFormatError)
             # Validated, with each tensor's absolute data offset.
             infos, _ = read_safetensors_header(path, CheckpointFormatError)
             wanted = files[fname] or sorted(infos)
@@ -135,10 +144,7 @@ class Checkpoint:
     def fd(self, path: Path) -> int:
         with self._lock:
             if path not in self._fds:
-                try:
-                    self._fds[path] = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise LorafitError(f"cannot be opened ({e.strerror})", path) from None
+                self._fds[path] = open_regular(path, CheckpointFormatError)
             return self._fds[path]
 
     def read(self, key: str, into: bytearray | None = None) -> torch.Tensor:
@@ -155,7 +161,7 @@ class Checkpoint:
         if st.nbytes == 0:
             return torch.empty(st.shape, dtype=dtype)
         buf = into if into is not None and len(into) >= st.nbytes else bytearray(st.nbytes)
-        read_into(self.fd(st.path), memoryview(buf)[:st.nbytes], st.offset, st.path)
+        read_into(self.fd(st.path), memoryview(buf)[:st.nbytes], st.offset, st.path, CheckpointFormatError)
         numel = st.nbytes // DTYPE_SIZES[st.dtype]
         return torch.frombuffer(buf, dtype=dtype, count=numel).reshape(st.shape)
 
@@ -165,23 +171,13 @@ class Checkpoint:
         n = max(0, min(nbytes, st.nbytes - start))
         buf = into if into is not None and len(into) >= n else bytearray(n)
         view = memoryview(buf)[:n]
-        read_into(self.fd(st.path), view, st.offset + start, st.path)
+        read_into(self.fd(st.path), view, st.offset + start, st.path, CheckpointFormatError)
         return view
 
     def chunks(self, key: str, size: int = _CHUNK) -> Iterator[memoryview]:
         """The tensor's raw bytes in pieces of at most `size` bytes (copies and comparisons of any size)."""
         for start in range(0, self.tensors[key].nbytes, size):
             yield self.read_range(key, start, size)
-
-
-def read_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill `view` from `fd` at `offset`. Raises LorafitError if the file ends first."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:done + _MAX_IO]], offset + done)
-        if n == 0:
-            raise LorafitError("ends before the tensor data its header promises (truncated while reading?)", path)
-        done += n
 
 
 def write_from(fd: int, view: memoryview, offset: int) -> None:

@@ -6,15 +6,73 @@ Offline always: a hub id resolves only through the local HF cache.
 from __future__ import annotations
 
 import difflib
-import os
+import re
 from pathlib import Path
 from typing import Any
 
 from .errors import LorafitError, ModelNotFoundError, UnknownClassError
+from .findings import Finding
+from .inputs import parse_json, read_bytes
 from .tree import TASK_TO_AUTO, ModuleTree, tree_from_module
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# No real model has more: the largest have ~130 layers. Beyond this a tree would cost minutes and gigabytes.
+MAX_LAYERS = 4096
+_LAYER_COUNT = re.compile(r"(num_|n_)?(hidden_|encoder_|decoder_|text_|vision_)?layers?")
+
+
+class CustomCodeRequired(LorafitError):
+    """The base's model type exists only as custom code (auto_map); lorafit never runs it. `finding` says so."""
+
+    def __init__(self, finding: Finding, path: Path) -> None:
+        self.finding = finding
+        super().__init__(finding.message, path)
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    """config.json as JSON, under lorafit's budgets (regular file, size, depth, layer counts).
+
+    Raises:
+        LorafitError: not readable, not a JSON object, or a layer count no model has.
+    """
+    path = model_dir / "config.json"
+    config = parse_json(read_bytes(path), path, LorafitError)
+    if not isinstance(config, dict):
+        raise LorafitError("is not a JSON object", path)
+    stack: list[dict[str, Any]] = [config]
+    while stack:
+        d = stack.pop()
+        for k, v in d.items():
+            if isinstance(v, dict):
+                stack.append(v)
+            elif _LAYER_COUNT.fullmatch(k) and isinstance(v, int) and v > MAX_LAYERS:
+                raise LorafitError(f"{k}={v} is beyond any real model (lorafit handles up to {MAX_LAYERS} layers)",
+                                   path)
+    return config
+
+
+def custom_code_finding(model_dir: Path, config: dict[str, Any]) -> Finding | None:
+    """A finding when config.json names custom code (auto_map); None when it names none.
+
+    Raises:
+        CustomCodeRequired: the model type is not one transformers knows, so only that code defines the model.
+    """
+    auto_map = config.get("auto_map")
+    if not auto_map:
+        return None
+    names = sorted({str(v).split(".")[0] + ".py" for v in (auto_map.values() if isinstance(auto_map, dict) else [])
+                    for v in (v if isinstance(v, list) else [v]) if v})
+    files = ", ".join(names) or "custom code"
+    model_type = config.get("model_type")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        raise CustomCodeRequired(Finding(
+            "custom-code-required", f"model type {model_type!r} is defined only by custom code ({files}, via "
+            "auto_map); lorafit never runs code from a model directory (trust_remote_code=False), so it cannot "
+            "build this model's module tree", hint="check against a model directory of a built-in transformers "
+            "architecture, or load the model yourself and call lorafit.check(adapter, model)"), model_dir)
+    return Finding("custom-code", f"config.json names custom code ({files}, via auto_map), which lorafit never runs; "
+                   f"the module tree is transformers' built-in {model_type!r} class, which the custom code may change")
 
 
 def resolve_model_dir(model: str | Path) -> Path:
@@ -51,8 +109,9 @@ def load_config(model_dir: Path) -> Any:
     """The model's transformers config, read offline. Raises LorafitError if transformers cannot read it."""
     from transformers import AutoConfig
 
+    custom_code_finding(model_dir, read_model_config(model_dir))  # budgets and custom code before transformers
     try:
-        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise LorafitError(f"config.json cannot be read by transformers ({str(e).splitlines()[0][:200]})",
                            model_dir / "config.json") from None
@@ -96,14 +155,25 @@ def resolve_class(name: str, config: Any) -> type:
     return obj
 
 
-def build_meta_model(cls: type, config: Any) -> Any:
-    """Instantiate `cls` on the meta device: every parameter has a shape and no storage."""
+def build_meta_model(cls: type, config: Any, model_dir: Path | None = None) -> Any:
+    """Instantiate `cls` on the meta device: every parameter has a shape and no storage.
+
+    Raises:
+        LorafitError: transformers cannot build the class from this config (an unknown activation, a zero
+            head count, ...); the message names config.json and transformers' own error.
+    """
     import torch
 
-    with torch.device("meta"):
-        if hasattr(cls, "_from_config"):
-            return cls._from_config(config)
-        return cls(config)
+    try:
+        with torch.device("meta"):
+            if hasattr(cls, "_from_config"):
+                return cls._from_config(config)
+            return cls(config)
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        where = model_dir / "config.json" if model_dir is not None else None
+        raise LorafitError(f"transformers cannot build {cls.__name__} from this config ({type(e).__name__}: "
+                           f"{first})", where) from None
 
 
 def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
@@ -116,7 +186,8 @@ def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
 
     model_dir = resolve_model_dir(model)
     name = class_name
-    config_bytes = (model_dir / "config.json").read_bytes()
+    config_bytes = read_bytes(model_dir / "config.json")
+    custom_code_finding(model_dir, read_model_config(model_dir))  # raises before anything could run its code
     key = tree_cache.cache_key(config_bytes, name)
     cached = tree_cache.load(key)
     if cached is not None:
@@ -127,7 +198,7 @@ def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
         return drawn
     config = load_config(model_dir)
     cls = resolve_class(name, config)
-    tree = tree_from_module(build_meta_model(cls, config), source=str(model))
+    tree = tree_from_module(build_meta_model(cls, config, model_dir), source=str(model))
     tree.origin = "meta"
     tree_cache.store(key, tree)
     return tree
@@ -147,5 +218,5 @@ def _from_blueprint(config_bytes: bytes, class_name: str, source: str) -> Module
         return None
     try:
         return tree_from_blueprint(config, class_name, source)
-    except (KeyError, TypeError, ValueError, IndexError):
+    except (KeyError, TypeError, ValueError, IndexError, ArithmeticError):
         return None  # a damaged blueprint file: the meta build is always right
