@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,22 @@ def hidden(model: Any, ids: torch.Tensor) -> torch.Tensor:
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file below `path` with its bytes: to prove an input was not modified."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+LORAFIT = Path(sys.executable).with_name("lorafit")
+
+
+def assert_one_line_error(code: int, out: str, err: str, *must_contain: str) -> None:
+    """Exit 2, nothing on stdout, one line on stderr naming what it must, no traceback, no catch-all."""
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err and "please report it" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lorafit: error: "), err
+    for text in must_contain:
+        assert text in lines[0], (text, lines[0])
+
+
+def run_lorafit(*args: object, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run the installed `lorafit` in a child process (for hangs, signals and races), with a time limit."""
+    return subprocess.run([str(LORAFIT), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, **kwargs)

@@ -21,6 +21,7 @@ from .errors import AdapterFormatError, AdapterNotFoundError, LorafitError
 from .inputs import load_json, open_regular
 from .io import TensorInfo, hf_hub_cache_dir, read_safetensors_header
 from .peft_schema import peft_types
+from .user_regex import RegexTimeout
 
 if TYPE_CHECKING:
     import torch
@@ -311,7 +312,10 @@ def read_adapter(spec: str | Path, subfolder: str | None = None) -> Adapter:
         raise AdapterFormatError("holds no tensors", weights)
     adapter = Adapter(path=path, weights_path=weights, config=config, infos=infos, metadata=metadata)
     adapter._cache.update(preloaded)
-    _group_modules(adapter)
+    try:
+        _group_modules(adapter)  # matches the config's regexes against the saved module paths
+    except RegexTimeout as e:
+        raise e.at(path / CONFIG_NAME) from None
     return adapter
 
 

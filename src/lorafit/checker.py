@@ -19,6 +19,7 @@ from .health import Health, tensor_health
 from .report import Report, ranges
 from .target import default_class_name
 from .tree import ModuleTree
+from .user_regex import RegexTimeout
 
 
 def parse_key_mapping(items: Sequence[str] | dict[str, str] | None) -> list[tuple[str, str]]:
@@ -127,6 +128,14 @@ def run_check(adapter: Adapter | str | Path, tree: ModuleTree, class_name: str,
     converts on load, to ask PEFT how it will rename this adapter's keys.
     """
     a = ensure_adapter(adapter)
+    try:
+        return _run_check(a, tree, class_name, key_mapping, base, read_tensors, model)
+    except RegexTimeout as e:  # a config regex too slow on the target's paths: name the config it came from
+        raise e.at(a.path / "adapter_config.json") from None
+
+
+def _run_check(a: Adapter, tree: ModuleTree, class_name: str, key_mapping: Sequence[tuple[str, str]],
+               base: str | None, read_tensors: bool, model: Callable[[], Any] | None) -> Checked:
     health = tensor_health(a) if read_tensors else None
     renames = None
     if tree.converts_keys and model is not None:

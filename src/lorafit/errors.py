@@ -10,7 +10,12 @@ class LorafitError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = str(path) if path is not None else None
+        self.message = message
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+    def at(self, path: str | Path) -> LorafitError:
+        """The same error, naming `path` (for an error raised by code that does not know the file)."""
+        return self if self.path else type(self)(self.message, path)
 
 
 class AdapterNotFoundError(LorafitError):

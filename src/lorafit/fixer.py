@@ -19,6 +19,7 @@ from .adapter import BIN_NAME, CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, Adapt
 from .align import Mapping_, Rewrite, split_wrapper
 from .checker import Checked, adapter_only_report, run_check, run_check_for
 from .diagnose import wrapped_without_tensors
+from .errors import LorafitError
 from .findings import Finding
 from .inputs import confined, open_regular
 from .io import write_json
@@ -131,7 +132,10 @@ def write_fixed(checked: Checked, out_dir: Path, source_desc: str | None = None,
         "lorafit.rewrite": m.rewrite.describe(),
         "lorafit.keys_renamed": str(sum(k != v for k, v in keymap.items())),
     }
-    save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt", **provenance})
+    try:
+        save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt", **provenance})
+    except Exception as e:  # safetensors reports a failed write (disk full) as its own SafetensorError
+        raise LorafitError(f"cannot write the output ({(str(e).splitlines() or [''])[0][:160]})") from None
     write_json(out_dir / CONFIG_NAME, fixed_config(checked, m))
     for f in sorted(adapter.path.iterdir()):  # README, tokenizer files: carried along unchanged
         if f.name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME) or f.name.startswith(".") or f.is_dir():

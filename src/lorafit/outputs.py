@@ -196,8 +196,10 @@ class OutputDir:
                 self._undo()
                 raise
         self._undo()
-        if isinstance(exc, OSError) and not isinstance(exc, LorafitError):
+        if isinstance(exc, OSError):
             raise LorafitError(f"cannot write the output ({exc.strerror or exc})", self.out) from None
+        if isinstance(exc, LorafitError) and exc.path is None:
+            raise exc.at(self.out) from None  # a write error from code that knows only the staging dir
 
     def _commit(self) -> None:
         assert self.tmp is not None
