@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: demo test lint bench blueprints clean
+.PHONY: demo test lint bench blueprints clean fuzz
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest
+
+# Fuzz the five commands with mutated inputs for FUZZ_SECONDS (make fuzz FUZZ_SECONDS=60); a new violation is
+# saved to tests/fuzz/corpus/, which `make test` replays.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	$(PY) tools/fuzz.py --seconds $(FUZZ_SECONDS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py

@@ -8,6 +8,7 @@ import os
 import pty
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,15 @@ def test_verify_merge_accepts_bookkeeping_differences(pair: dict[str, Path], tmp
     cfg.update(transformers_version="9.9.9", _name_or_path="/elsewhere", use_cache=False)
     (merged / "config.json").write_text(json.dumps(cfg))
     assert cli("verify-merge", merged, "--base", pair["base"], "--adapter", pair["adapter"])[0] == 0
+
+
+def test_library_leaves_the_host_environment_alone(pair: dict[str, Path]) -> None:
+    """`import lorafit; lorafit.check(...)` must not switch the host application offline (or change any variable)."""
+    code = ("import os, sys, lorafit\nbefore = dict(os.environ)\n"
+            "report = lorafit.check(sys.argv[1], sys.argv[2])\n"
+            "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
+            "print(sorted(changed), report.ok)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    done = subprocess.run([sys.executable, "-c", code, str(pair["adapter"]), str(pair["base"])], capture_output=True,
+                          text=True, timeout=120, env={**env, "LORAFIT_NO_CACHE": "1", "LORAFIT_NO_BLUEPRINTS": "1"})
+    assert done.stdout.strip() == "[] True", done.stderr  # before: HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE set

@@ -346,6 +346,13 @@ def _group_modules(adapter: Adapter) -> None:
             kind, rank, in_f, out_f = "embedding", a[0], a[1], b[0]
         else:
             kind, rank, in_f, out_f = ("linear" if len(a) == 2 else "conv"), a[0], a[1], b[0]
+        if kind == "linear":
+            for role in ("magnitude", "bias"):
+                extra = adapter.infos.get(keys.get(role, ""))
+                if extra is not None and extra.numel != out_f:
+                    raise AdapterFormatError(f"tensor {keys[role]!r} has shape {list(extra.shape)}, but its module has "
+                                             f"{out_f} outputs (lora_B is {list(b)}): a {role} needs {out_f} values",
+                                             adapter.weights_path)
         cfg_r, alpha = patterns.resolve_rank_alpha(adapter.config, module)
         adapter.modules[module] = LoraModule(
             path=module, kind=kind, keys=keys, rank=rank, in_features=in_f, out_features=out_f,

@@ -200,7 +200,7 @@ def meta_model_thunk(base: str | Path, class_name: str) -> Callable[[], Any]:
 
         model_dir = resolve_model_dir(base)
         config = load_config(model_dir)
-        return build_meta_model(resolve_class(class_name, config), config, model_dir)
+        return build_meta_model(resolve_class(class_name, config, model_dir), config, model_dir)
 
     return build
 

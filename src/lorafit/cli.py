@@ -92,7 +92,9 @@ def _run(fn: Callable[[], Any], as_json: bool, show_modules: bool = False) -> No
     try:
         report = fn()
     except LorafitError as e:
-        typer.echo(f"lorafit: error: {e}", err=True)
+        from .report import printable
+
+        typer.echo(f"lorafit: error: {printable(str(e))}", err=True)
         raise typer.Exit(2) from None
     except AdapterMismatchError as e:
         from .report import Report
@@ -105,7 +107,9 @@ def _run(fn: Callable[[], Any], as_json: bool, show_modules: bool = False) -> No
         if os.environ.get("LORAFIT_DEBUG"):
             raise
         # A case no rule foresaw: still one line, never a traceback; LORAFIT_DEBUG=1 shows it.
-        first = (str(e).splitlines() or [""])[0][:300]
+        from .report import printable
+
+        first = printable((str(e).splitlines() or [""])[0][:300])
         typer.echo(f"lorafit: error: unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the "
                    "traceback; please report it)", err=True)
         raise typer.Exit(2) from None
@@ -172,7 +176,7 @@ def verify(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None,
         _quiet_transformers()
         a = read_adapter(adapter)
         model_dir = resolve_model_dir(base)
-        cls = resolve_class(class_name or default_class_name(a.task_type), load_config(model_dir))
+        cls = resolve_class(class_name or default_class_name(a.task_type), load_config(model_dir), model_dir)
         model = cls.from_pretrained(str(model_dir))  # type: ignore[attr-defined]
         if lorafit_load:
             pm = load_adapter(model, a, strict=False)

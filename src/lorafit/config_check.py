@@ -40,7 +40,13 @@ def _names(config: dict[str, Any], field: str, path: Path, regex_if_str: bool) -
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number that fits a float (PEFT computes alpha / r in floating point)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond 1.8e308
+        return False
 
 
 def validate_config(config: dict[str, Any], path: Path) -> None:

@@ -84,7 +84,7 @@ def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterForma
                 raise ValueError(key)
         except (KeyError, TypeError, ValueError):
             raise error(f"corrupt safetensors file (bad header entry for {key!r})", path) from None
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise error(f"tensor {key!r} has dtype {dtype!r}, which lorafit does not handle (one of "
                         f"{', '.join(DTYPE_SIZES)})", path)
         info = TensorInfo(tuple(shape), dtype, 8 + n + start)

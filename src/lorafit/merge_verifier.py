@@ -191,6 +191,16 @@ def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter:
     return _Row(tp.name, modules, ok, unchanged, max_err, max_rel, non_finite=non_finite)
 
 
+def _checked_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter: Adapter) -> _Row:
+    """_check_tensor, with adapter factors that do not fit together (rank-inconsistent) a failed row, not a crash."""
+    try:
+        return _check_tensor(tp, base, merged, adapter)
+    except RuntimeError as e:
+        modules = [d.module for d in tp.deltas]
+        return _Row(tp.name, modules, False, False, float("inf"), float("inf"),
+                    f"the adapter's tensors for it do not fit together ({str(e)[:120]}); see lorafit inspect")
+
+
 def _bit_identical(base: Checkpoint, key: str, merged: Checkpoint, mkey: str) -> bool:
     """Streamed equality; a merged tensor in another dtype must equal the base's exact cast (--dtype)."""
     import torch
@@ -250,7 +260,7 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
         try:
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
                 identical = list(pool.map(lambda n: _bit_identical(bck, plan.sources[n], mck, n), same))
-                rows = list(pool.map(lambda tp: _check_tensor(tp, bck, mck, a), adapted))
+                rows = list(pool.map(lambda tp: _checked_tensor(tp, bck, mck, a), adapted))
         finally:
             torch.set_num_threads(threads)
     changed = [n for n, eq in zip(same, identical, strict=True) if not eq]

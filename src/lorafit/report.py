@@ -58,6 +58,16 @@ class Report:
         return json.dumps(_finite(self.to_json()), indent=2, default=str, allow_nan=False)
 
 
+def printable(text: str) -> str:
+    """`text` safe for any terminal or log: control characters and lone surrogates (from JSON escapes such as
+    \\ud800 in a hostile file) written as escapes, so one message stays one line and printing cannot fail."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _finite(value: Any) -> Any:
     """`value` with every NaN or infinite float replaced by None, so the output is valid JSON."""
     if isinstance(value, float):
@@ -96,30 +106,30 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
     summary.add_column()
     for title, data in (("adapter", report.adapter), ("target", report.target)):
         if data:
-            summary.add_row(title, Text(", ".join(f"{k}={_short(v)}" for k, v in data.items()
-                                                  if v not in (None, "", [], {}) and k not in _HIDDEN)))
+            summary.add_row(title, Text(printable(", ".join(f"{k}={_short(v)}" for k, v in data.items()
+                                                            if v not in (None, "", [], {}) and k not in _HIDDEN))))
     if report.alignment:
         a = report.alignment
         how = a["rewrite"].get("description", a["rewrite"])
-        summary.add_row("alignment", Text(f"as saved {a['lands_as_is']}/{a['total']} land; best rewrite '{how}' "
-                                          f"lands {a['lands_after_rewrite']}/{a['total']}"))
+        summary.add_row("alignment", Text(printable(f"as saved {a['lands_as_is']}/{a['total']} land; best rewrite "
+                                                    f"'{how}' lands {a['lands_after_rewrite']}/{a['total']}")))
     for k, v in report.result.items():
         if isinstance(v, (str, int, float, bool)):
-            summary.add_row(k, Text(str(v)))
+            summary.add_row(k, Text(printable(str(v))))
     console.print(summary)
     if show_modules and report.modules:
         _render_modules(report, console)
     hints_shown: set[str] = set()
     for f in sort_findings(report.findings):
-        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {escape(f.message)}",
+        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {escape(printable(f.message))}",
                       highlight=False)
         for k in f.keys[:3]:
-            console.print(Text(f"          e.g. {k}", style="dim"), highlight=False)
+            console.print(Text(printable(f"          e.g. {k}"), style="dim"), highlight=False)
         if f.count and f.count > min(3, len(f.keys)):
             console.print(f"          (+{f.count - min(3, len(f.keys))} more)", style="dim")
         if f.hint and f.hint not in hints_shown:
             hints_shown.add(f.hint)
-            console.print(f"          fix: [green]{escape(f.hint)}[/]", highlight=False)
+            console.print(f"          fix: [green]{escape(printable(f.hint))}[/]", highlight=False)
     verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/] ({len(report.errors())} error findings)"
     console.print(f"{report.command}: {verdict}")
 
@@ -142,7 +152,7 @@ def _render_modules(report: Report, console: Any) -> None:
         table.add_column(c, overflow="fold")
     for key, layers in groups.items():
         nums = sorted(int(x) for x in layers if x)
-        table.add_row(*(Text(str(c)) for c in (key[0], ranges(nums), *key[1:])))
+        table.add_row(*(Text(printable(str(c))) for c in (key[0], ranges(nums), *key[1:])))
     console.print(table)
 
 

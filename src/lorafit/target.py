@@ -122,7 +122,7 @@ def default_class_name(task_type: str | None) -> str:
     return TASK_TO_AUTO.get(task_type or "", "AutoModel")
 
 
-def resolve_class(name: str, config: Any) -> type:
+def resolve_class(name: str, config: Any, model_dir: Path | None = None) -> type:
     """Turn a class name (an Auto class or a concrete one) into the concrete class for this config.
 
     Raises:
@@ -142,8 +142,8 @@ def resolve_class(name: str, config: Any) -> type:
             return mapping[type(config)] if mapping is not None else obj
         except KeyError:
             raise UnknownClassError(
-                f"{name} has no class for model type {config.model_type!r}; pass a concrete class with --class"
-            ) from None
+                f"{name} has no class for model type {config.model_type!r}; pass a concrete class with --class",
+                model_dir / "config.json" if model_dir else None) from None
     from transformers import PreTrainedModel
 
     if not issubclass(obj, PreTrainedModel):
@@ -151,7 +151,8 @@ def resolve_class(name: str, config: Any) -> type:
     wants = getattr(obj, "config_class", None)
     if isinstance(wants, type) and not isinstance(config, wants):
         raise UnknownClassError(f"{name} is a {getattr(wants, 'model_type', wants.__name__)!r} class, but the base "
-                                f"model is {config.model_type!r}; pass an Auto class or a {config.model_type} class")
+                                f"model is {config.model_type!r}; pass an Auto class or a {config.model_type} class",
+                                model_dir / "config.json" if model_dir else None)
     return obj
 
 
@@ -197,7 +198,7 @@ def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
     if drawn is not None:
         return drawn
     config = load_config(model_dir)
-    cls = resolve_class(name, config)
+    cls = resolve_class(name, config, model_dir)
     tree = tree_from_module(build_meta_model(cls, config, model_dir), source=str(model))
     tree.origin = "meta"
     tree_cache.store(key, tree)
