@@ -146,3 +146,17 @@ def test_tied_embeddings_quiet_when_trained_tied(bases: dict[str, Path], tmp_pat
                  task_type="CAUSAL_LM", ensure_weight_tying=True)
     code, report = cli_json("check", adapter, "--base", bases["gpt2"])
     assert "tied-embeddings" not in codes(report)
+
+
+def test_targets_nothing_although_every_key_matches_a_path(bases: dict[str, Path], tmp_path: Path) -> None:
+    """Keys that land on module paths do not help when target_modules selects nothing: PEFT injects no layer."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
+    adapter = tmp_path / "adapter"
+    make_adapter(bases["llama"], "AutoModelForCausalLM", adapter, task_type="CAUSAL_LM")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["nothing_matches"]}))
+    with pytest.raises(NoMatchingPeftModuleError):
+        PeftModel.from_pretrained(load_model(bases["llama"], "AutoModelForCausalLM"), adapter)
+    code, report = cli_json("check", adapter, "--base", bases["llama"])
+    assert code == 1 and "targets-nothing" in codes(report, "error")  # before: exit 0, "ok"

@@ -238,15 +238,16 @@ def rule_tied(adapter: Adapter, tree: ModuleTree, m: Mapping_) -> list[Finding]:
                     touched, hint="train with LoraConfig(ensure_weight_tying=True) to adapt both sides alike")]
 
 
-def rule_targets_nothing(adapter: Adapter, tree: ModuleTree, m: Mapping_, hint: str | None) -> list[Finding]:
-    """target_modules that select no module of the target: PEFT refuses to inject at all."""
-    if not adapter.modules or m.pairs or m.missing:
-        return []
+def rule_targets_nothing(adapter: Adapter, tree: ModuleTree, hint: str | None) -> list[Finding]:
+    """target_modules that select no module of the target: PEFT refuses to inject at all, even when every saved
+    key would have matched a module path."""
+    if not adapter.modules or adapter.config.get("target_modules") == "all-linear":
+        return []  # "all-linear" is expanded by PEFT against the model itself
     if any(info.lora_kind and patterns.is_targeted(adapter.config, p) for p, info in tree.modules.items()):
         return []
     return [Finding("targets-nothing", f"target_modules {adapter.config.get('target_modules')!r} (with "
                     f"layers_to_transform / exclude_modules) selects no module of {tree.class_name}: "
-                    "PeftModel.from_pretrained raises ValueError (no target module found)", hint=hint)]
+                    "PeftModel.from_pretrained raises NoMatchingPeftModuleError (a ValueError)", hint=hint)]
 
 
 def _layouts(adapter: Adapter, tree: ModuleTree, src: str, dst: str) -> tuple[str, str]:
@@ -286,7 +287,7 @@ def layout_findings(adapter: Adapter, tree: ModuleTree, al: Alignment,
                            f"'{chosen.rewrite.describe()}', {chosen.score} of {al.total} land",
                            [f"{p} -> {chosen.pairs[p]}" for p in list(chosen.pairs)[:3]], hint=hint))
     out += rule_coverage(adapter, tree, as_is, hint)
-    out += rule_targets_nothing(adapter, tree, as_is, hint)
+    out += rule_targets_nothing(adapter, tree, hint)
     out += rule_patterns(adapter, as_is)
     if chosen.rewrite.regexes and not fixable:
         # The user chose the mapping: say what it fails to land, even when it lands less than the keys as saved.
