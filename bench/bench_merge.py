@@ -225,7 +225,7 @@ def run(cmd: list[str], label: str, cache: Path | None = None, repeat: int = 1, 
 def compare_outputs(a: Path, b: Path) -> tuple[int, list[str]]:
     """Tensors of two checkpoints compared bit for bit, streamed. Returns (tensors compared, names that differ)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from lorafit.shards import Checkpoint
+    from lorafit.fileio.checkpoint import Checkpoint
 
     with Checkpoint.open(a) as x, Checkpoint.open(b) as y:
         names = sorted(set(x.tensors) | set(y.tensors))

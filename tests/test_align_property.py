@@ -20,9 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_adapter, tiny_config
-from lorafit.adapter import entries_of, read_adapter
-from lorafit.align import Entry, Rewrite, _tree_key, align, candidate_rewrites
-from lorafit.tree import ModuleInfo, ModuleTree, tree_from_module
+from lorafit.adapter import Entry, entries_of
+from lorafit.align import Rewrite, _tree_key, align, candidate_rewrites
+from lorafit.formats import format_of, read_adapter
+from lorafit.formats.peft.targeting import is_targeted
+from lorafit.targets.transformers.module_tree import tree_from_module
+from lorafit.tree import ModuleInfo, ModuleTree
 
 PREFIX_SEGMENTS = ["model", "transformer", "base", "language_model", "text_model", "backbone", "inner", "wrapped"]
 CONTAINERS = ["layers", "h", "blocks"]
@@ -170,7 +173,7 @@ def test_align_undoes_any_prefix_change_unique_shapes(case: Case) -> None:
 @given(cases())
 def test_align_with_config_reports_exactly_the_targeted_modules_left_out(case: Case) -> None:
     # target_modules names the module names the adapter holds; every other module of those names stays at init.
-    al = align(case.entries, case.tree, {"target_modules": case.names})
+    al = align(case.entries, case.tree, lambda p: is_targeted({"target_modules": case.names}, p))
     _assert_lands_exactly(case, al)
     landed = set(case.truth.values())
     expected = sorted(path for path, info in case.tree.modules.items()
@@ -307,14 +310,15 @@ def test_real_trees_find_the_base_model_prefix(bases: dict[str, Path], tmp_path:
     make_adapter(bases[family], trained_on, tmp_path / "a")
     adapter = read_adapter(tmp_path / "a")
     tree = _meta_tree(family, loaded_into)
-    al = align(entries_of(adapter), tree, adapter.config)
+    al = align(entries_of(adapter), tree, format_of(adapter).targeting(adapter))
     assert al.as_is.score == 0  # stock PEFT lands nothing
     assert al.chosen.rewrite == expected
     assert al.ambiguous == []
     assert al.chosen.pairs == {p: expected.apply(p) for p in adapter.modules}
     assert not (al.chosen.unmatched or al.chosen.conflicts or al.chosen.collisions or al.chosen.missing)
     # Same class: identity, everything lands as saved.
-    al_same = align(entries_of(adapter), _meta_tree(family, _concrete(family, trained_on)), adapter.config)
+    same_tree = _meta_tree(family, _concrete(family, trained_on))
+    al_same = align(entries_of(adapter), same_tree, format_of(adapter).targeting(adapter))
     assert al_same.chosen.rewrite.is_identity
     assert al_same.as_is.score == len(entries_of(adapter)) and al_same.as_is.complete
 

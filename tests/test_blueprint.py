@@ -22,10 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import make_adapter
-from lorafit import blueprint
-from lorafit.blueprint import tree_from_blueprint
-from lorafit.target import build_meta_model, load_config, resolve_class
-from lorafit.tree import ModuleTree, tree_from_module
+from lorafit.targets.transformers import blueprint
+from lorafit.targets.transformers.blueprint import tree_from_blueprint
+from lorafit.targets.transformers.module_tree import tree_from_module
+from lorafit.targets.transformers.resolve import build_meta_model, load_config, resolve_class
+from lorafit.tree import ModuleTree
 
 DATA = blueprint._load(blueprint.data_file(blueprint.installed_transformers() or ""))
 TYPES = sorted(DATA["model_types"]) if DATA else []

@@ -60,7 +60,7 @@ def test_warm_check_imports_no_torch(bases: dict[str, Path], tmp_path: Path) -> 
     adapter = tmp_path / "a"
     make_adapter(bases["llama"], "AutoModelForCausalLM", adapter, task_type="CAUSAL_LM")
     env = {"LORAFIT_CACHE": str(tmp_path / "cache"), "LORAFIT_NO_BLUEPRINTS": "1"}
-    script = (f"import sys; from lorafit.checker import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
+    script = (f"import sys; from lorafit.api.check import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
               "'AutoModel'); print(r.ok, [f.code for f in r.findings if f.severity == 'error'][:1], "
               "r.target['tree_from'], 'torch' in sys.modules)")
     cold = _python(script, env)

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 import lorafit
-import lorafit.fixer
+import lorafit.formats.peft.writer
 from conftest import make_adapter
 from helpers import cli, snapshot
 
@@ -57,7 +57,7 @@ def test_interrupted_fix_leaves_nothing(adapter: Path, bases: dict[str, Path], t
     def interrupted(*_: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lorafit.fixer, "write_json", interrupted)
+    monkeypatch.setattr(lorafit.formats.peft.writer, "write_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
         lorafit.fix(adapter, bases["llama"], tmp_path / "out", class_name="AutoModel")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

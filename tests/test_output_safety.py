@@ -47,7 +47,7 @@ def run_with_hook(hook: str, *args: object, timeout: float = 180) -> subprocess.
 def test_out_that_appears_during_merge_survives(pair: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "merged"
     hook = f"""
-        import lorafit.merger as m
+        import lorafit.api.merge as m
         real = m.copy_support_files
         def racing(*a, **k):  # another process creates OUT while the merge is writing
             import os
@@ -82,7 +82,7 @@ def test_concurrent_fix_runs_to_one_out(pair: dict[str, Path], tmp_path: Path) -
 def test_signal_mid_merge_leaves_nothing(pair: dict[str, Path], tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "merged"
     hook = f"""
-        import os, lorafit.merger as m
+        import os, lorafit.api.merge as m
         real = m.write_index
         def stop(*a, **k):  # the shards are written: the signal arrives mid-output
             os.kill(os.getpid(), {int(sig)})
@@ -98,7 +98,7 @@ def test_signal_mid_merge_leaves_nothing(pair: dict[str, Path], tmp_path: Path, 
 def test_killed_run_is_cleaned_up_by_the_next(pair: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "merged"
     hook = """
-        import os, signal, lorafit.merger as m
+        import os, signal, lorafit.api.merge as m
         def die(*a, **k):
             os.kill(os.getpid(), signal.SIGKILL)
         m.write_index = die
@@ -117,7 +117,7 @@ def test_killed_run_is_cleaned_up_by_the_next(pair: dict[str, Path], tmp_path: P
 
 def test_live_owner_and_foreign_dirs_are_left_alone(pair: dict[str, Path], tmp_path: Path) -> None:
     """Only a marked staging dir whose owner is dead is removed; a live run's and a stranger's stay."""
-    from lorafit.outputs import _owner_tag
+    from lorafit.fileio.outputs import _owner_tag
 
     out = tmp_path / "fixed"
     live = tmp_path / f".fixed.partial-{_owner_tag()}-abc123"  # this very process: alive
@@ -129,7 +129,7 @@ def test_live_owner_and_foreign_dirs_are_left_alone(pair: dict[str, Path], tmp_p
 
 
 def test_old_out_moved_aside_by_a_killed_run_is_restored(pair: dict[str, Path], tmp_path: Path) -> None:
-    from lorafit.outputs import _owner_tag
+    from lorafit.fileio.outputs import _owner_tag
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     tag = _owner_tag().rsplit("-", 2)[0] + f"-{int(dead.stdout)}-0"

@@ -16,7 +16,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from lorafit.patterns import is_targeted, pattern_key, resolve_rank_alpha, scaling
+from lorafit.formats.peft.targeting import is_targeted, pattern_key, resolve_rank_alpha, scaling
 
 NAMES = ["model", "layers", "layer", "h", "blocks", "self_attn", "attn", "mlp", "q_proj", "k_proj", "v_proj",
          "down_proj", "c_attn", "lm_head", "embed_tokens", "encoder", "decoder", "language_model", "proj"]

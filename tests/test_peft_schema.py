@@ -8,7 +8,7 @@ import json
 import peft
 from peft import LoraConfig
 
-from lorafit.peft_schema import lora_config_fields, peft_types, peft_version
+from lorafit.formats.peft.schema import lora_config_fields, peft_types, peft_version
 
 
 def test_lora_config_fields_are_exactly_the_init_fields_of_loraconfig() -> None:

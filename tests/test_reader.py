@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 
 import lorafit
 from conftest import load_model, make_adapter
-from lorafit.adapter import read_adapter
 from lorafit.cli import app
 from lorafit.errors import AdapterNotFoundError
+from lorafit.formats import read_adapter
 
 PEFT_PREFIX = "base_model.model."
 
@@ -93,7 +93,7 @@ def test_reads_safetensors_bit_for_bit(bases: dict[str, Path], tmp_path: Path) -
         m = adapter.modules[path]
         assert (m.in_features, m.out_features) == (layer.in_features, layer.out_features)
         assert m.kind == "linear" and not m.has_dora and not m.has_bias
-    assert adapter.extras == [] and adapter.incomplete == {} and adapter.unprefixed_keys == []
+    assert adapter.extras == [] and adapter.incomplete == {} and adapter.unrooted_keys == []
 
 
 def test_reads_bin_with_weights_only(bases: dict[str, Path], tmp_path: Path) -> None:
@@ -442,7 +442,7 @@ def test_lora_a_and_b_of_different_rank(llama_adapter: Path) -> None:
 def test_keys_without_peft_prefix(llama_adapter: Path) -> None:
     edit_tensors(llama_adapter, lambda sd: {k.removeprefix(PEFT_PREFIX): v for k, v in sd.items()})
     adapter = read_adapter(llama_adapter)
-    assert len(adapter.modules) == 6 and len(adapter.unprefixed_keys) == 12
+    assert len(adapter.modules) == 6 and len(adapter.unrooted_keys) == 12
     f = next(f for f in lorafit.inspect(adapter).findings if f.code == "unprefixed-keys")
     assert f.count == 12
 

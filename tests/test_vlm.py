@@ -105,7 +105,8 @@ def test_head_class_adapter_on_bare_vlm(llava: tuple[Path, Path, Path, PeftModel
 
 def test_two_subtrees_moved_under_different_prefixes() -> None:
     """One refactor, two prefix rules: neither alone lands the adapter."""
-    from lorafit.align import Entry, align
+    from lorafit.adapter import Entry
+    from lorafit.align import align
     from lorafit.tree import ModuleInfo, ModuleTree
 
     text, vision = ModuleInfo("Linear", 8, 8, {"weight": (8, 8)}), ModuleInfo("Linear", 4, 4, {"weight": (4, 4)})

@@ -26,9 +26,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from lorafit.blueprint import FREE_IF_DEFINED, SCHEMA, data_file, installed_transformers, is_free_key
-from lorafit.target import build_meta_model
-from lorafit.tree import _AUTO_NAME_TABLES, TASK_TO_AUTO, ModuleInfo, ModuleTree, tree_from_module
+from lorafit.targets.transformers.blueprint import (
+    FREE_IF_DEFINED,
+    SCHEMA,
+    data_file,
+    installed_transformers,
+    is_free_key,
+)
+from lorafit.targets.transformers.module_tree import _AUTO_NAME_TABLES, TASK_TO_AUTO, tree_from_module
+from lorafit.targets.transformers.resolve import build_meta_model
+from lorafit.tree import ModuleInfo, ModuleTree
 
 DEFAULT_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "bert"]
 # Keys hub config.json files carry that transformers' configs do not define. One is free for a model type

@@ -1,47 +1,23 @@
-"""Adapter and LoraModule: the canonical, lazily read view of a PEFT LoRA adapter, and its PEFT reader.
+"""Adapter, LoraModule and Entry: a LoRA adapter as format-neutral data, and what it wants to land.
 
-A PEFT checkpoint key is `base_model.model.<module path>.<role>`. The reader groups keys by module
-path into one LoraModule each (A, B and, where present, lora_bias and the DoRA magnitude); every other
-tensor (modules_to_save copies, saved embedding layers) is kept as an ExtraTensor. Only headers are read
-here; tensor data is read on demand through `Adapter.tensor`.
+A format's reader (formats/) groups a checkpoint's keys by module path into one LoraModule each (A, B and,
+where present, bias and the DoRA magnitude); every other tensor (modules_to_save copies, saved embedding
+layers) is kept as an ExtraTensor. Only headers are read up front; data is read on demand through
+`Adapter.tensor`. Nothing here knows a format's key names or config fields.
 """
 
 from __future__ import annotations
 
-import os
-import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import patterns
-from .align import Entry
-from .config_check import validate_config
-from .errors import AdapterFormatError, AdapterNotFoundError, LorafitError
-from .inputs import load_json, open_regular
-from .io import TensorInfo, hf_hub_cache_dir, read_safetensors_header
-from .peft_schema import peft_types
-from .user_regex import RegexTimeout
+from .errors import AdapterFormatError
+from .tensor_info import TensorInfo
 
 if TYPE_CHECKING:
     import torch
-
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
-
-# Role of a tensor inside a LoRA module, by the key's suffix. Order matters: longest first.
-_ROLE_SUFFIXES = (
-    ("lora_magnitude_vector.weight", "magnitude"),
-    ("lora_magnitude_vector", "magnitude"),
-    ("lora_embedding_A", "A"),
-    ("lora_embedding_B", "B"),
-    ("lora_A.weight", "A"),
-    ("lora_B.weight", "B"),
-    ("lora_B.bias", "bias"),
-)
-_TORCH_DTYPE_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
 @dataclass
@@ -87,40 +63,36 @@ class ExtraTensor:
 
 @dataclass
 class Adapter:
-    """A PEFT LoRA adapter: config plus lazily read tensors, grouped into LoraModules."""
+    """A LoRA adapter in any format: its config as saved, tensor headers, and LoraModules; data read on demand.
+
+    `config` is the format's own config (PEFT's adapter_config.json); everything lorafit's core needs from it
+    is resolved by the format's reader into the fields below, so the core never reads a format's fields.
+    """
 
     path: Path
     weights_path: Path
     config: dict[str, Any]
     infos: dict[str, TensorInfo]
+    format: str = "peft"
+    task_type: str | None = None  # the kind of model it was trained as (PEFT's task_type names)
+    base_model: str | None = None  # the base it names, if any
+    init_b_zero: bool = True  # a module left without tensors keeps B = 0 (PEFT: unless init_lora_weights=false)
     metadata: dict[str, str] = field(default_factory=dict)
     modules: dict[str, LoraModule] = field(default_factory=dict)
     extras: list[ExtraTensor] = field(default_factory=list)
-    unprefixed_keys: list[str] = field(default_factory=list)
+    # Keys outside the format's key root (PEFT: without `base_model.model.`): its stock loader never matches them.
+    unrooted_keys: list[str] = field(default_factory=list)
     incomplete: dict[str, list[str]] = field(default_factory=dict)  # module path -> roles present without A or B
+    # The format's tensor reader: key -> the tensors that one read yields (one, or the whole file).
+    load: Callable[[str], Mapping[str, torch.Tensor]] | None = field(default=None, repr=False)
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def task_type(self) -> str | None:
-        return self.config.get("task_type")
-
-    @property
-    def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
 
     def tensor(self, key: str) -> torch.Tensor:
         """Read one tensor's data (cached). Raises AdapterFormatError if the file cannot be read."""
         if key not in self._cache:
-            if self.weights_path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                try:
-                    with safe_open(str(self.weights_path), framework="pt") as f:
-                        self._cache[key] = f.get_tensor(key)
-                except Exception as e:  # safetensors raises its own error types for corrupt data
-                    raise AdapterFormatError(f"cannot read tensor {key!r}: {e}", self.weights_path) from None
-            else:
-                self._cache.update(_load_bin(self.weights_path))
+            if self.load is None or key not in self.infos:
+                raise AdapterFormatError(f"holds no tensor {key!r}", self.weights_path)
+            self._cache.update(self.load(key))
         return self._cache[key]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -132,247 +104,25 @@ class Adapter:
         return [k for m in self.modules.values() for k in m.keys.values()]
 
 
-def resolve_adapter_dir(spec: str | Path, subfolder: str | None = None) -> Path:
-    """Find the adapter directory for a path, a file inside it, a parent of one adapter, or a cached hub id.
+@dataclass(frozen=True)
+class Entry:
+    """One thing the adapter wants to land: a LoRA module (kind linear/embedding/conv) or a saved tensor."""
 
-    Raises:
-        AdapterNotFoundError: nothing adapter-like is there, or several adapters are and none was chosen.
-    """
-    p = Path(spec).expanduser()
-    if not p.exists() and _looks_like_repo_id(str(spec)):
-        p = _from_hf_cache(str(spec))
-    if subfolder:
-        p = p / subfolder
-    if p.is_file():
-        p = p.parent
-    if not p.is_dir():
-        raise AdapterNotFoundError("no such adapter directory (and no cached hub snapshot by that id)", p)
-    if (p / CONFIG_NAME).exists():
-        return p
-    nested = sorted(c for c in p.iterdir() if c.is_dir() and (c / CONFIG_NAME).exists())
-    if len(nested) == 1:
-        return nested[0]
-    if nested:
-        names = ", ".join(c.name for c in nested)
-        raise AdapterNotFoundError(f"holds several adapters ({names}); pass one of those sub-directories", p)
-    raise AdapterNotFoundError(f"{CONFIG_NAME} is missing: this is not a PEFT adapter directory", p)
-
-
-def _looks_like_repo_id(spec: str) -> bool:
-    return bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", spec)) and not spec.startswith((".", "/"))
-
-
-def _from_hf_cache(repo_id: str) -> Path:
-    """Resolve a hub id through the local HF cache only (as the environment names it now); nothing is downloaded."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hf_hub_cache_dir()))
-    except Exception:
-        return Path(repo_id)  # reported by the caller as "no such directory"
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """Read and validate adapter_config.json.
-
-    Raises:
-        AdapterNotFoundError / AdapterFormatError: missing, empty, not JSON, or not a LoRA config.
-    """
-    cfg_path = path / CONFIG_NAME
-    if not os.path.lexists(cfg_path):
-        raise AdapterNotFoundError(f"{CONFIG_NAME} is missing", path)
-    config = load_json(cfg_path, AdapterFormatError)
-    if not isinstance(config, dict):
-        raise AdapterFormatError("is not a JSON object", cfg_path)
-    peft_type = config.get("peft_type")
-    if peft_type is None:
-        raise AdapterFormatError("has no peft_type; a PEFT adapter config always names one", cfg_path)
-    if peft_type != "LORA":
-        if str(peft_type).upper() == "LORA":
-            raise AdapterFormatError(f"peft_type {peft_type!r} must be spelled 'LORA': PEFT matches it exactly and "
-                                     "fails to load it otherwise", cfg_path)
-        if str(peft_type).upper() in peft_types():
-            raise AdapterFormatError(f"peft_type {peft_type!r} is not supported: lorafit reads LoRA adapters", cfg_path)
-        raise AdapterFormatError(f"unknown peft_type {peft_type!r} (this PEFT knows LORA, IA3, ADALORA, ...)", cfg_path)
-    validate_config(config, cfg_path)
-    return config
-
-
-# What torch's weights_only unpickler says is wrong, most telling first.
-_UNPICKLER_REASONS = (r"Unsupported global: GLOBAL \S+", r"Unsupported operand \d+", r"WeightsUnpickler error: .+")
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a .bin that needs more than tensors is refused, never executed.
-
-    Each tensor must be plain data that its file really holds (see _check_bin_tensor), before any use.
-    """
-    import pickle
-
-    import torch
-
-    try:
-        with open(open_regular(path, AdapterFormatError), "rb") as f:
-            data = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal escape codes
-        found = [m.group(0).strip() for m in (re.search(p, text) for p in _UNPICKLER_REASONS) if m]
-        why = found[0] if found else "content that is not plain tensors"
-        raise AdapterFormatError(
-            f"cannot be read with torch.load(weights_only=True): {why[:160]}. It needs pickle beyond plain "
-            "tensors, or it is corrupt; lorafit will not execute code from a checkpoint. Re-save it with "
-            "safetensors", path) from None
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e)[:120]}"
-        raise AdapterFormatError(f"is not a readable torch checkpoint ({why})", path) from None
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                             for k, v in data.items()):
-        raise AdapterFormatError("does not hold a flat dict of tensors by name", path)
-    for key, t in data.items():
-        _check_bin_tensor(str(key), t, path)
-    return data
-
-
-def _check_bin_tensor(key: str, t: torch.Tensor, path: Path) -> None:
-    """Refuse a tensor that is not dense, real, on the CPU, and backed by its own storage without overlap.
-
-    weights_only admits `zeros(1).expand(60000, 60000)`: 4 bytes on disk, 14 GB once anything touches it.
-    A view may not need more elements than its storage holds, nor reach past its end.
-    """
-    import torch
-
-    if t.layout != torch.strided:
-        raise AdapterFormatError(f"tensor {key!r} is a {t.layout} tensor; LoRA weights are dense", path)
-    if t.device.type != "cpu":
-        raise AdapterFormatError(f"tensor {key!r} is on the {t.device.type} device and holds no data", path)
-    if t.dtype.is_complex or str(t.dtype).removeprefix("torch.") not in _TORCH_DTYPE_CODES:
-        raise AdapterFormatError(f"tensor {key!r} has dtype {t.dtype}; LoRA weights are real floating point "
-                                 f"({', '.join(_TORCH_DTYPE_CODES)})", path)
-    if t.numel() == 0:
-        return
-    size = t.untyped_storage().nbytes()
-    item = t.element_size()
-    reach = (t.storage_offset() + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * item
-    if t.numel() * item > size or reach > size or min(t.stride(), default=1) < 0:
-        raise AdapterFormatError(f"tensor {key!r} claims shape {list(t.shape)} over {size} stored bytes (an expanded "
-                                 "or overlapping view); re-save the adapter with plain tensors", path)
-
-
-def _read_infos(weights: Path) -> tuple[dict[str, TensorInfo], dict[str, str], dict[str, torch.Tensor]]:
-    if weights.suffix == ".safetensors":
-        infos, metadata = read_safetensors_header(weights)
-        return infos, metadata, {}
-    tensors = _load_bin(weights)
-    infos = {k: TensorInfo(tuple(v.shape), _TORCH_DTYPE_CODES[str(v.dtype).removeprefix("torch.")])
-             for k, v in tensors.items()}
-    return infos, {}, tensors
-
-
-def split_key(key: str) -> tuple[str, str | None, str]:
-    """Split a checkpoint key into (module path, LoRA role or None, parameter suffix); strips `base_model.model.`."""
-    body = key.removeprefix(PEFT_PREFIX)
-    for suffix, role in _ROLE_SUFFIXES:
-        if body.endswith("." + suffix):
-            return body[: -len(suffix) - 1], role, suffix
-    module, _, param = body.rpartition(".")
-    return module, None, param
-
-
-def _check_ndim(key: str, role: str, info: TensorInfo, weights: Path) -> None:
-    nd = len(info.shape)
-    ok = {"A": (2, 3, 4, 5), "B": (2, 3, 4, 5), "bias": (1,), "magnitude": (1, 2, 3, 4, 5)}[role]
-    if role in ("A", "B") and ".lora_embedding_" in key:  # an Embedding's DoRA magnitude is 1-D
-        ok = (2,)
-    if nd not in ok:
-        raise AdapterFormatError(
-            f"tensor {key!r} has {nd} dimensions {list(info.shape)}; a LoRA {role} tensor has {ok[0]}", weights
-        )
-
-
-def read_adapter(spec: str | Path, subfolder: str | None = None) -> Adapter:
-    """Read a PEFT LoRA adapter: config and tensor headers now, tensor data on demand.
-
-    Args:
-        spec: adapter directory, a file in it, a parent holding one adapter, or a hub id in the local cache.
-        subfolder: a named adapter's sub-directory (PEFT saves non-default adapters there).
-    Returns:
-        the Adapter, with one LoraModule per adapted module path.
-    Raises:
-        LorafitError subclasses for every unreadable input (exit code 2 at the CLI).
-    """
-    path = resolve_adapter_dir(spec, subfolder)
-    config = read_config(path)
-    weights = path / SAFETENSORS_NAME
-    if not weights.exists():
-        weights = path / BIN_NAME
-    if not weights.exists():
-        raise AdapterNotFoundError(f"weights file missing: expected {SAFETENSORS_NAME} or {BIN_NAME}", path)
-    infos, metadata, preloaded = _read_infos(weights)
-    if not infos:
-        raise AdapterFormatError("holds no tensors", weights)
-    adapter = Adapter(path=path, weights_path=weights, config=config, infos=infos, metadata=metadata)
-    adapter._cache.update(preloaded)
-    try:
-        _group_modules(adapter)  # matches the config's regexes against the saved module paths
-    except RegexTimeout as e:
-        raise e.at(path / CONFIG_NAME) from None
-    return adapter
-
-
-def _group_modules(adapter: Adapter) -> None:
-    roles: dict[str, dict[str, str]] = {}
-    for key, info in adapter.infos.items():
-        if not key.startswith(PEFT_PREFIX):
-            adapter.unprefixed_keys.append(key)
-        module, role, param = split_key(key)
-        if role is None:
-            kind = "other"
-            if patterns.in_modules_to_save(adapter.config, module):
-                kind = "modules_to_save"
-            elif module.endswith(".base_layer"):
-                kind = "embedding_base"
-            elif module.endswith(".token_adapter"):
-                kind = "trainable_tokens"
-            adapter.extras.append(ExtraTensor(key, module, param, info, kind))
-            continue
-        _check_ndim(key, role, info, adapter.weights_path)
-        roles.setdefault(module, {})[role] = key
-    for module, keys in sorted(roles.items()):
-        if "A" not in keys or "B" not in keys:
-            adapter.incomplete[module] = sorted(keys)
-            continue
-        a, b = adapter.infos[keys["A"]].shape, adapter.infos[keys["B"]].shape
-        if "lora_embedding" in keys["A"]:
-            kind, rank, in_f, out_f = "embedding", a[0], a[1], b[0]
-        else:
-            kind, rank, in_f, out_f = ("linear" if len(a) == 2 else "conv"), a[0], a[1], b[0]
-        if kind == "linear":
-            for role in ("magnitude", "bias"):
-                extra = adapter.infos.get(keys.get(role, ""))
-                if extra is not None and extra.numel != out_f:
-                    raise AdapterFormatError(f"tensor {keys[role]!r} has shape {list(extra.shape)}, but its module has "
-                                             f"{out_f} outputs (lora_B is {list(b)}): a {role} needs {out_f} values",
-                                             adapter.weights_path)
-        cfg_r, alpha = patterns.resolve_rank_alpha(adapter.config, module)
-        adapter.modules[module] = LoraModule(
-            path=module, kind=kind, keys=keys, rank=rank, in_features=in_f, out_features=out_f,
-            alpha=alpha, scaling=patterns.scaling(adapter.config, cfg_r, alpha), config_rank=cfg_r,
-        )
-
-
-def ensure_adapter(adapter: Adapter | str | Path) -> Adapter:
-    """Accept an Adapter or anything read_adapter accepts."""
-    if isinstance(adapter, Adapter):
-        return adapter
-    if not isinstance(adapter, (str, Path)):
-        raise LorafitError(f"expected an adapter path or Adapter, got {type(adapter).__name__}")
-    return read_adapter(adapter)
+    path: str  # module path in the adapter's layout
+    kind: str  # "linear" | "embedding" | "conv" | "tensor"
+    in_features: int | None = None
+    out_features: int | None = None
+    param: str | None = None  # for kind "tensor": parameter name and shape
+    shape: tuple[int, ...] | None = None
+    key: str | None = None  # for kind "tensor": the checkpoint key
+    rooted: bool = True  # under the format's key root: the stock loader matches nothing else
 
 
 def entries_of(adapter: Adapter) -> list[Entry]:
     """What the adapter wants to land, as plain alignment entries: LoRA modules, then saved tensors."""
-    out = [Entry(m.path, m.kind, m.in_features, m.out_features,
-                 prefixed=all(k.startswith(PEFT_PREFIX) for k in m.keys.values())) for m in adapter.modules.values()]
-    out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key,
-                  prefixed=x.key.startswith(PEFT_PREFIX)) for x in adapter.extras]
+    unrooted = set(adapter.unrooted_keys)
+    out = [Entry(m.path, m.kind, m.in_features, m.out_features, rooted=not unrooted.intersection(m.keys.values()))
+           for m in adapter.modules.values()]
+    out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key, rooted=x.key not in unrooted)
+            for x in adapter.extras]
     return out

@@ -10,32 +10,21 @@ and a rewrite is accepted only when it is one-to-one and every shape agrees.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
 from . import user_regex
-from .patterns import is_targeted
+from .adapter import Entry
 from .tree import ModuleTree
+
+# Would the adapter's format put a LoRA layer on the module at this path? (PEFT: target_modules and its kin.)
+Targeting = Callable[[str], bool]
 
 # How many of the best-voted candidates are scored in full; the rest are noise (a q_proj of layer 3
 # "matching" the q_proj of layer 7).
 _CANDIDATES_SCORED = 12
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One thing the adapter wants to land: a LoRA module (kind linear/embedding/conv) or a saved tensor."""
-
-    path: str  # module path in the adapter's layout
-    kind: str  # "linear" | "embedding" | "conv" | "tensor"
-    in_features: int | None = None
-    out_features: int | None = None
-    param: str | None = None  # for kind "tensor": parameter name and shape
-    shape: tuple[int, ...] | None = None
-    key: str | None = None  # for kind "tensor": the checkpoint key
-    prefixed: bool = True  # saved under `base_model.model.`; PeftModel.from_pretrained matches nothing else
 
 
 @dataclass(frozen=True)
@@ -112,7 +101,7 @@ class ShapeConflict:
 
 
 @dataclass
-class Mapping_:
+class Landing:
     """The result of applying one Rewrite: where each entry lands, and what does not."""
 
     rewrite: Rewrite
@@ -137,9 +126,9 @@ class Mapping_:
 class Alignment:
     """Adapter paths x ModuleTree. `as_is` is what stock PEFT will do; `chosen` the best rewrite found."""
 
-    as_is: Mapping_
-    chosen: Mapping_
-    ambiguous: list[Mapping_] = field(default_factory=list)  # other rewrites as good as chosen
+    as_is: Landing
+    chosen: Landing
+    ambiguous: list[Landing] = field(default_factory=list)  # other rewrites as good as chosen
     rejected: list[tuple[Rewrite, int, str]] = field(default_factory=list)  # (rewrite, score, reason)
     total: int = 0  # entries to land
 
@@ -186,17 +175,18 @@ def _fits(entry: Entry, tree: ModuleTree, path: str) -> str | None:
 
 
 def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
-                  config: Mapping[str, Any] | None = None, stock: bool = False) -> Mapping_:
+                  targeted: Targeting | None = None, stock: bool = False) -> Landing:
     """Land every entry under `rewrite`; collect pairs, drops, shape conflicts, collisions and misses.
 
-    With stock=True, entries saved without PEFT's key prefix land nowhere, as in PeftModel.from_pretrained;
-    otherwise they are judged as lorafit will write them (with the prefix).
+    With stock=True, entries saved outside the format's key root land nowhere, as with the stock loader;
+    otherwise they are judged as lorafit will write them (under the root). With `targeted`, targeted tree
+    modules that get no LoRA module are reported as missing.
     """
-    m = Mapping_(rewrite)
+    m = Landing(rewrite)
     owners: dict[str, list[str]] = {}
     for e in entries:
         target = rewrite.apply(_tree_key(e))
-        if target not in tree.modules or (stock and not e.prefixed):
+        if target not in tree.modules or (stock and not e.rooted):
             (m.unmatched_tensors if e.kind == "tensor" else m.unmatched).append(e.key or e.path)
             continue
         problem = _fits(e, tree, target)
@@ -215,10 +205,9 @@ def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
             m.collisions[target] = paths
             for p in paths:
                 m.pairs.pop(p, None)
-    if config is not None:
+    if targeted is not None:
         landed = set(m.pairs.values())
-        m.missing = [p for p, info in tree.modules.items()
-                     if info.lora_kind and p not in landed and is_targeted(config, p)]
+        m.missing = [p for p, info in tree.modules.items() if info.lora_kind and p not in landed and targeted(p)]
     return m
 
 
@@ -271,30 +260,30 @@ def _extends(rewrite: Rewrite, simpler: Rewrite) -> bool:
             and rewrite.src.startswith(simpler.src) and rewrite.dst.startswith(simpler.dst))
 
 
-def _found(m: Mapping_) -> int:
+def _found(m: Landing) -> int:
     """How many entries the rewrite sends to a path the tree has, whether or not the shapes agree."""
     return len(m.pairs) + len(m.tensor_pairs) + len(m.conflicts) + sum(len(p) for p in m.collisions.values())
 
 
-def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] | None = None,
+def align(entries: Sequence[Entry], tree: ModuleTree, targeted: Targeting | None = None,
           key_mapping: Sequence[tuple[str, str]] = (), load_renames: Mapping[str, str] | None = None) -> Alignment:
     """Align adapter entries with a module tree.
 
     Args:
         entries: what the adapter holds (see `entries_of`).
         tree: the target's ModuleTree.
-        config: the adapter config; with it, targeted modules left without tensors are reported as missing.
+        targeted: the format's targeting rule; with it, targeted modules left without tensors are reported missing.
         key_mapping: user regex rewrites (pattern, replacement), tried in order, first match wins.
-        load_renames: module paths PEFT itself renames while loading (see conversion.load_renames).
+        load_renames: module paths the stock loader itself renames while loading (a runtime's load-time conversion).
     Returns:
         the Alignment: as_is (what stock PEFT does), the chosen rewrite, ambiguities and rejected candidates.
     """
-    as_is = apply_rewrite(entries, tree, Rewrite(table=tuple(sorted((load_renames or {}).items()))), config,
+    as_is = apply_rewrite(entries, tree, Rewrite(table=tuple(sorted((load_renames or {}).items()))), targeted,
                           stock=True)
     if key_mapping:
-        chosen = apply_rewrite(entries, tree, Rewrite(regexes=tuple(key_mapping)), config)
+        chosen = apply_rewrite(entries, tree, Rewrite(regexes=tuple(key_mapping)), targeted)
         return Alignment(as_is=as_is, chosen=chosen, total=len(entries))
-    al = _best_rewrite(entries, tree, config, as_is)
+    al = _best_rewrite(entries, tree, targeted, as_is)
     # A refactor may move several sub-trees at once (a VLM's language model and its vision tower), each
     # under its own prefix: search again among the entries no rule so far applies to, and keep a further
     # rule while it lands more and is itself unambiguous.
@@ -310,20 +299,20 @@ def align(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] 
             break
         r = al.chosen.rewrite
         combined = apply_rewrite(entries, tree, Rewrite(r.src, r.dst, more=(*r.more, sub.chosen.rewrite.rules[0])),
-                                 config)
+                                 targeted)
         if combined.score <= al.chosen.score:
             break
         al.chosen = combined
     return al
 
 
-def _best_rewrite(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[str, Any] | None,
-                  as_is: Mapping_) -> Alignment:
+def _best_rewrite(entries: Sequence[Entry], tree: ModuleTree, targeted: Targeting | None,
+                  as_is: Landing) -> Alignment:
     """The single prefix rule that lands the most entries (identity on a tie), with ambiguities and losers."""
     candidates = candidate_rewrites(entries, tree)
-    if all(e.prefixed for e in entries):
+    if all(e.rooted for e in entries):
         candidates = candidates[1:]  # identity is as_is itself
-    scored = [as_is] + [apply_rewrite(entries, tree, r, config) for r in candidates]
+    scored = [as_is] + [apply_rewrite(entries, tree, r, targeted) for r in candidates]
     # A rewrite that is a simpler one plus a further rename ('model.layers.0.' -> 'layers.1.' beside 'strip
     # model.') is out when the simpler one finds the paths of as many entries: the extra rename is unjustified,
     # and taking it to dodge a shape conflict would land the adapter on the wrong layer without a word.
@@ -336,7 +325,7 @@ def _best_rewrite(entries: Sequence[Entry], tree: ModuleTree, config: Mapping[st
             kept.append(m)
     scored = kept
     best = max(m.score for m in scored)
-    winners: list[Mapping_] = []
+    winners: list[Landing] = []
     for m in scored:
         if m.score == best and best > 0:
             if not any(w.pairs == m.pairs and w.tensor_pairs == m.tensor_pairs for w in winners):

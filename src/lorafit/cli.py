@@ -80,7 +80,7 @@ def _emit(report: Any, as_json: bool, show_modules: bool = False) -> None:
     if as_json:
         sys.stdout.write(report.dumps() + "\n")
     else:
-        from .report import render
+        from .render import render
 
         render(report, show_modules=show_modules)
     raise typer.Exit(report.exit_code)
@@ -91,23 +91,23 @@ def _run(fn: Callable[[], Any], as_json: bool, show_modules: bool = False) -> No
     _quiet_libraries()
     try:
         report = fn()
-    except LorafitError as e:
-        from .report import printable
-
-        typer.echo(f"lorafit: error: {printable(str(e))}", err=True)
-        raise typer.Exit(2) from None
-    except AdapterMismatchError as e:
+    except AdapterMismatchError as e:  # a LorafitError too, but a finding about the adapter (exit 1), not bad input
         from .report import Report
 
         if not isinstance(e.report, Report):
             typer.echo(f"lorafit: {e}", err=True)
             raise typer.Exit(1) from None
         report = e.report
+    except LorafitError as e:
+        from .render import printable
+
+        typer.echo(f"lorafit: error: {printable(str(e))}", err=True)
+        raise typer.Exit(2) from None
     except Exception as e:
         if os.environ.get("LORAFIT_DEBUG"):
             raise
         # A case no rule foresaw: still one line, never a traceback; LORAFIT_DEBUG=1 shows it.
-        from .report import printable
+        from .render import printable
 
         first = printable((str(e).splitlines() or [""])[0][:300])
         typer.echo(f"lorafit: error: unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the "
@@ -121,7 +121,7 @@ def inspect(adapter: AdapterArg, as_json: JsonOpt = False,
             modules: Annotated[bool, typer.Option("--modules/--no-modules",
                                                   help="Show the per-module table.")] = True) -> None:
     """What an adapter holds, and whether it is healthy (rank, alpha, scaling, coverage, zeros, NaN)."""
-    from .checker import inspect as run
+    from .api.check import inspect as run
 
     _run(lambda: run(adapter), as_json, show_modules=modules)
 
@@ -135,7 +135,7 @@ _TREE_ENV = ("The model's module tree comes from a cache, a shipped blueprint, o
 def check(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None, key_mapping: MapOpt = None,
           as_json: JsonOpt = False) -> None:
     """Will ADAPTER land on BASE loaded with --class? Reads config and headers, no model weights."""
-    from .checker import check as run
+    from .api.check import check as run
 
     _run(lambda: run(adapter, base, class_name, key_mapping), as_json)
 
@@ -151,7 +151,7 @@ def fix(adapter: AdapterArg, base: BaseOpt,
     Tensors are copied bit for bit under remapped keys; the input is never modified; OUT appears only
     when complete. If the adapter cannot be made to land, nothing is written and the exit code is 1.
     """
-    from .fixer import fix as run
+    from .api.fix import fix as run
 
     _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force,
                      follow_symlinks=follow_symlinks), as_json)
@@ -168,32 +168,10 @@ def verify(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None,
     """Load BASE with --class and ADAPTER on top (stock PEFT by default), then prove the load bit for bit."""
 
     def run() -> Any:
-        from .adapter import read_adapter
-        from .load import load_adapter
-        from .load import verify as verify_loaded
-        from .target import default_class_name, load_config, resolve_class, resolve_model_dir
+        from .api.load import verify_pretrained
 
         _quiet_transformers()
-        a = read_adapter(adapter)
-        model_dir = resolve_model_dir(base)
-        cls = resolve_class(class_name or default_class_name(a.task_type), load_config(model_dir), model_dir)
-        model = cls.from_pretrained(str(model_dir))  # type: ignore[attr-defined]
-        if lorafit_load:
-            pm = load_adapter(model, a, strict=False)
-        else:
-            from peft import PeftModel
-
-            try:
-                pm = PeftModel.from_pretrained(model, str(a.path))
-            except Exception as e:  # stock PEFT's own failure is the finding here, not a crash
-                from .findings import Finding
-                from .report import Report
-
-                first = (str(e).splitlines() or [""])[0][:200]
-                return Report("verify", adapter={"path": str(a.path)}, findings=[Finding(
-                    "load-failed", f"stock PeftModel.from_pretrained raised {type(e).__name__}: {first}",
-                    hint=f"lorafit check {a.path} --base {base} --class {cls.__name__} names the cause")])
-        return verify_loaded(pm, a, probe=probe)
+        return verify_pretrained(adapter, base, class_name, probe=probe, lorafit_load=lorafit_load)
 
     _run(run, as_json)
 
@@ -231,7 +209,7 @@ def merge(adapter: AdapterArg, base: BaseOpt,
     Streams the base tensor by tensor (memory: about one tensor per worker plus the adapter). Refuses, with
     exit code 1, when check finds an error; OUT appears only when complete.
     """
-    from .merger import merge as run
+    from .api.merge import merge as run
 
     progress = not as_json and sys.stderr.isatty()
     _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
@@ -247,7 +225,7 @@ def verify_merge(merged: Annotated[str, typer.Argument(help="Directory of the me
                      "--class", "-c", help="As for merge: default, the class the base was saved with.")] = None,
                  key_mapping: MapOpt = None, as_json: JsonOpt = False) -> None:
     """Prove MERGED == BASE + ADAPTER: adapted weights within dtype rounding, every other tensor bit-identical."""
-    from .merge_verifier import verify_merge as run
+    from .api.verify_merge import verify_merge as run
 
     _run(lambda: run(merged, base, adapter, class_name=class_name, key_mapping=key_mapping), as_json)
 

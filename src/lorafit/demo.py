@@ -75,8 +75,8 @@ def run_demo(keep: Path | None = None) -> int:
     from peft import PeftModel
     from transformers import AutoModel
 
-    from .fixer import fix
-    from .report import render
+    from .api.fix import fix
+    from .render import render
 
     console = Console()
     t0 = time.time()
@@ -116,7 +116,7 @@ def run_demo(keep: Path | None = None) -> int:
         ok &= same
 
         console.print(Rule(f"3. $ lorafit check {adapter_dir.name} --base {base_dir.name} --class AutoModel"))
-        from .checker import check
+        from .api.check import check
 
         render(check(adapter_dir, base_dir, "AutoModel"), console)
         console.print(Rule(f"$ lorafit fix {adapter_dir.name} --base {base_dir.name} --class AutoModel "

@@ -3,57 +3,96 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Literal, NamedTuple
 
-ERROR, WARNING, INFO = "error", "warning", "info"
+ERROR: Final = "error"
+WARNING: Final = "warning"
+INFO: Final = "info"
 _ORDER = {ERROR: 0, WARNING: 1, INFO: 2}
 
-# code -> (severity, one-line title). Codes are stable: tools match on them.
-CATALOG: dict[str, tuple[str, str]] = {
+Severity = Literal["error", "warning", "info"]
+# What a finding is about: the adapter alone; how its paths land on a tree; what the runtime does with it
+# (or with the base); a proof about loaded or merged weights; or what a command wrote.
+Scope = Literal["adapter", "alignment", "runtime", "proof", "output"]
+ADAPTER: Final = "adapter"
+ALIGNMENT: Final = "alignment"
+RUNTIME: Final = "runtime"
+PROOF: Final = "proof"
+OUTPUT: Final = "output"
+# The operations that mend a finding: after `fix` writes, none of the codes it mends may remain (or it refuses);
+# `merge` lands the adapter through its own rewrite, so it judges those codes again on that landing.
+Operation = Literal["fix", "merge"]
+FIX: Final = "fix"
+MERGE: Final = "merge"
+
+
+class Code(NamedTuple):
+    """A finding code's policy: severity, scope, the operations that mend it, and a one-line title."""
+
+    severity: Severity
+    scope: Scope
+    mended_by: tuple[Operation, ...]
+    title: str
+
+
+# code -> its policy. Codes are stable: tools match on them. Every operation reads its policy from here.
+CATALOG: dict[str, Code] = {
     # adapter alone (inspect)
-    "adapter-no-effect": (ERROR, "every lora_B is zero: the adapter changes nothing"),
-    "lora-b-zero": (WARNING, "some modules have an all-zero lora_B"),
-    "non-finite": (ERROR, "NaN or Inf in adapter tensors"),
-    "rank-mismatch": (ERROR, "tensor rank disagrees with r / rank_pattern"),
-    "rank-inconsistent": (ERROR, "lora_A and lora_B disagree on the rank"),
-    "incomplete-module": (ERROR, "a module has lora_A without lora_B, or the reverse"),
-    "dora-mismatch": (ERROR, "use_dora disagrees with the magnitude tensors present"),
-    "bias-mismatch": (WARNING, "lora_bias disagrees with the lora_B.bias tensors present"),
-    "modules-to-save-not-saved": (WARNING, "modules_to_save names modules with no saved tensors"),
-    "unknown-config-field": (WARNING, "config fields this PEFT version does not know"),
-    "unprefixed-keys": (ERROR, "tensor keys without the base_model.model. prefix PeftModel.from_pretrained matches"),
+    "adapter-no-effect": Code(ERROR, ADAPTER, (), "every lora_B is zero: the adapter changes nothing"),
+    "lora-b-zero": Code(WARNING, ADAPTER, (), "some modules have an all-zero lora_B"),
+    "non-finite": Code(ERROR, ADAPTER, (), "NaN or Inf in adapter tensors"),
+    "rank-mismatch": Code(ERROR, ADAPTER, (), "tensor rank disagrees with r / rank_pattern"),
+    "rank-inconsistent": Code(ERROR, ADAPTER, (), "lora_A and lora_B disagree on the rank"),
+    "incomplete-module": Code(ERROR, ADAPTER, (), "a module has lora_A without lora_B, or the reverse"),
+    "dora-mismatch": Code(ERROR, ADAPTER, (), "use_dora disagrees with the magnitude tensors present"),
+    "bias-mismatch": Code(WARNING, ADAPTER, (), "lora_bias disagrees with the lora_B.bias tensors present"),
+    "modules-to-save-not-saved": Code(WARNING, ADAPTER, (), "modules_to_save names modules with no saved tensors"),
+    "unknown-config-field": Code(WARNING, ADAPTER, (), "config fields this PEFT version does not know"),
+    "unprefixed-keys": Code(ERROR, ADAPTER, (FIX,),
+         "tensor keys without the base_model.model. prefix PeftModel.from_pretrained matches"),
     # adapter x target (check)
-    "layout-mismatch": (ERROR, "the adapter was saved for another module layout"),
-    "ambiguous-layout": (ERROR, "more than one rewrite lands the adapter equally well"),
-    "targets-nothing": (ERROR, "target_modules selects no module of the target: PEFT raises on load"),
-    "dropped-tensors": (ERROR, "adapter tensors that PEFT would drop (unexpected keys)"),
-    "missing-adapter-weights": (ERROR, "targeted modules that would keep their init values"),
-    "shape-mismatch": (ERROR, "in/out features disagree with the target module"),
-    "embedding-size": (ERROR, "embedding rows disagree with the target's vocabulary"),
-    "pattern-mismatch": (ERROR, "rank_pattern / alpha_pattern resolve differently on the target paths"),
-    "modules-to-save-absent": (ERROR, "a trained modules_to_save head has no place in the target class"),
-    "modules-to-save-missing": (ERROR, "PEFT wraps a modules_to_save module the checkpoint lacks (KeyError)"),
-    "task-type-incompatible": (ERROR, "task_type needs a class the target is not (PEFT raises AttributeError)"),
-    "task-type-mismatch": (WARNING, "task_type names another kind of head than the target class"),
-    "tied-embeddings": (WARNING, "the adapter touches embeddings that the target ties"),
-    "fixed": (INFO, "fix wrote an adapter that lands on the target"),
+    "layout-mismatch": Code(ERROR, ALIGNMENT, (FIX, MERGE), "the adapter was saved for another module layout"),
+    "ambiguous-layout": Code(ERROR, ALIGNMENT, (FIX,), "more than one rewrite lands the adapter equally well"),
+    "targets-nothing": Code(ERROR, ALIGNMENT, (FIX,),
+         "target_modules selects no module of the target: PEFT raises on load"),
+    "dropped-tensors": Code(ERROR, ALIGNMENT, (FIX, MERGE), "adapter tensors that PEFT would drop (unexpected keys)"),
+    "missing-adapter-weights": Code(ERROR, ALIGNMENT, (FIX, MERGE),
+         "targeted modules that would keep their init values"),
+    "shape-mismatch": Code(ERROR, ALIGNMENT, (FIX, MERGE), "in/out features disagree with the target module"),
+    "embedding-size": Code(ERROR, ALIGNMENT, (FIX, MERGE), "embedding rows disagree with the target's vocabulary"),
+    "pattern-mismatch": Code(ERROR, ALIGNMENT, (FIX, MERGE),
+         "rank_pattern / alpha_pattern resolve differently on the target paths"),
+    "modules-to-save-absent": Code(ERROR, ALIGNMENT, (FIX, MERGE),
+         "a trained modules_to_save head has no place in the target class"),
+    "modules-to-save-missing": Code(ERROR, RUNTIME, (),
+         "PEFT wraps a modules_to_save module the checkpoint lacks (KeyError)"),
+    "task-type-incompatible": Code(ERROR, RUNTIME, (FIX, MERGE),
+         "task_type needs a class the target is not (PEFT raises AttributeError)"),
+    "task-type-mismatch": Code(WARNING, RUNTIME, (FIX, MERGE),
+         "task_type names another kind of head than the target class"),
+    "tied-embeddings": Code(WARNING, RUNTIME, (MERGE,), "the adapter touches embeddings that the target ties"),
+    "fixed": Code(INFO, OUTPUT, (), "fix wrote an adapter that lands on the target"),
     # verify / merge
-    "load-failed": (ERROR, "stock PEFT raised while loading the adapter"),
-    "not-bit-equal": (ERROR, "a loaded tensor differs from the checkpoint"),
-    "meta-tensors": (ERROR, "adapter parameters left on the meta device"),
-    "no-output-change": (ERROR, "an adapted module's output does not change with the adapter on"),
-    "merge-unchanged": (ERROR, "the merged model equals the base: the adapter was not merged"),
-    "merge-delta-wrong": (ERROR, "a merged weight differs from base + delta beyond dtype rounding"),
-    "merge-extra-change": (ERROR, "a tensor the adapter does not touch differs from the base"),
-    "merge-missing-tensor": (ERROR, "a base tensor is missing from the merged checkpoint"),
-    "weights-untied": (INFO, "tied embeddings were untied because the adapter changes one side"),
-    "merged": (INFO, "merge wrote the base checkpoint with the adapter merged in"),
-    "merge-config-differs": (ERROR, "the merged config.json disagrees with the base's on the model's structure"),
-    "merge-non-finite": (ERROR, "NaN or Inf in a merged weight where base and adapter are finite"),
+    "load-failed": Code(ERROR, PROOF, (), "stock PEFT raised while loading the adapter"),
+    "not-bit-equal": Code(ERROR, PROOF, (), "a loaded tensor differs from the checkpoint"),
+    "meta-tensors": Code(ERROR, PROOF, (), "adapter parameters left on the meta device"),
+    "no-output-change": Code(ERROR, PROOF, (), "an adapted module's output does not change with the adapter on"),
+    "merge-unchanged": Code(ERROR, PROOF, (), "the merged model equals the base: the adapter was not merged"),
+    "merge-delta-wrong": Code(ERROR, PROOF, (), "a merged weight differs from base + delta beyond dtype rounding"),
+    "merge-extra-change": Code(ERROR, PROOF, (), "a tensor the adapter does not touch differs from the base"),
+    "merge-missing-tensor": Code(ERROR, PROOF, (), "a base tensor is missing from the merged checkpoint"),
+    "weights-untied": Code(INFO, OUTPUT, (), "tied embeddings were untied because the adapter changes one side"),
+    "merged": Code(INFO, OUTPUT, (), "merge wrote the base checkpoint with the adapter merged in"),
+    "merge-config-differs": Code(ERROR, PROOF, (),
+         "the merged config.json disagrees with the base's on the model's structure"),
+    "merge-non-finite": Code(ERROR, PROOF, (), "NaN or Inf in a merged weight where base and adapter are finite"),
     # any command that reads a base or writes an output
-    "custom-code": (WARNING, "the base's config.json names custom code (auto_map), which lorafit never runs"),
-    "custom-code-required": (ERROR, "the base's model type exists only as custom code lorafit will not run"),
-    "stale-output-removed": (INFO, "leftovers of a killed lorafit run to the same output were cleaned up"),
+    "custom-code": Code(WARNING, RUNTIME, (),
+         "the base's config.json names custom code (auto_map), which lorafit never runs"),
+    "custom-code-required": Code(ERROR, RUNTIME, (),
+         "the base's model type exists only as custom code lorafit will not run"),
+    "stale-output-removed": Code(INFO, OUTPUT, (),
+         "leftovers of a killed lorafit run to the same output were cleaned up"),
 }
 
 
@@ -72,7 +111,7 @@ class Finding:
         if self.code not in CATALOG:
             raise ValueError(f"finding code {self.code!r} is not in the catalog")
         if not self.severity:
-            self.severity = CATALOG[self.code][0]
+            self.severity = CATALOG[self.code].severity
         if self.count is None:
             self.count = len(self.keys)
         self.keys = list(self.keys)[:5]
@@ -85,3 +124,8 @@ class Finding:
 def sort_findings(findings: list[Finding]) -> list[Finding]:
     """Errors first; within a severity, the order the rules produced them (cause before consequence)."""
     return sorted(findings, key=lambda f: _ORDER[f.severity])
+
+
+def mended_by(operation: Operation) -> frozenset[str]:
+    """The codes that `operation` mends (see Code.mended_by)."""
+    return frozenset(code for code, c in CATALOG.items() if operation in c.mended_by)

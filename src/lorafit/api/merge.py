@@ -20,19 +20,11 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .adapter import Adapter
-from .checker import Checked, adapter_only_report, alignment_summary
-from .diagnose import rule_coverage
-from .errors import LorafitError, OutputExistsError
-from .findings import Finding
-from .inputs import confined, load_json
-from .io import DTYPE_SIZES, write_json
-from .merge_math import Scratch, adds_rounded_delta, apply_delta, lora_dtype, merge_block, product, row_blocks
-from .merge_plan import MergePlan, TensorPlan, build_plan, check_for_merge
-from .outputs import OutputDir
-from .report import Report
-from .shards import (
+from .. import __version__
+from ..adapter import Adapter
+from ..diagnose import rule_coverage
+from ..errors import LorafitError, OutputExistsError
+from ..fileio.checkpoint import (
     CODES,
     FLOAT_CODES,
     Checkpoint,
@@ -43,17 +35,28 @@ from .shards import (
     torch_dtype,
     write_index,
 )
-from .target import CustomCodeRequired, resolve_model_dir
+from ..fileio.inputs import confined, load_json
+from ..fileio.outputs import OutputDir, write_json
+from ..findings import MERGE, Finding, mended_by
+from ..merging.math import (
+    Scratch,
+    adds_rounded_delta,
+    apply_delta,
+    lora_dtype,
+    merge_block,
+    product,
+    row_blocks,
+    torch_threads,
+)
+from ..merging.plan import MergePlan, TensorPlan, build_plan
+from ..report import Report
+from ..targets.transformers.resolve import CustomCodeRequired, resolve_model_dir
+from ..tensor_info import DTYPE_SIZES
+from .check import Checked, adapter_only_report, alignment_summary, run_check_for_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-# Findings that judge what stock PEFT would do when loading; merge lands the adapter itself through the
-# chosen rewrite, so these are judged again on that mapping (rule_coverage) or do not apply.
-MENDED_BY_MERGE = {
-    "layout-mismatch", "dropped-tensors", "missing-adapter-weights", "modules-to-save-absent", "shape-mismatch",
-    "embedding-size", "pattern-mismatch", "task-type-incompatible", "task-type-mismatch", "tied-embeddings",
-}
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
 # Files of the base that hold weights (or are indexes of them): never copied into the merged model.
@@ -71,8 +74,12 @@ def parse_dtype(name: str | None) -> str | None:
 
 
 def merge_findings(checked: Checked) -> list[Finding]:
-    """check's findings as they bear on a merge: coverage judged on the mapping merge uses, not on stock PEFT's."""
-    findings = [f for f in checked.report.findings if f.code not in MENDED_BY_MERGE]
+    """check's findings as they bear on a merge: coverage judged on the mapping merge uses, not on stock PEFT's.
+
+    Findings that judge what the stock loader would do are the catalog's `mended_by` merge: merge lands the
+    adapter itself through the chosen rewrite, so they are judged again on that landing or do not apply.
+    """
+    findings = [f for f in checked.report.findings if f.code not in mended_by(MERGE)]
     findings += rule_coverage(checked.adapter, checked.tree, checked.alignment.chosen, None)
     return findings
 
@@ -244,12 +251,8 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
             _cast_copy(writer, name, ckpt, src, codes[name])
             on_bytes(st.nbytes)
 
-    import torch
 
-    # Each worker's torch ops get their share of the cores: two OpenMP teams on two cores spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
-    try:
+    with torch_threads(workers):
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lorafit-merge") as pool:
             futures = [pool.submit(job, name) for name in plan.order]
             try:
@@ -263,8 +266,6 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
                     for g in futures:
                         g.cancel()
                     raise f.exception()  # type: ignore[misc]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: str | None,
@@ -335,7 +336,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
     t0 = time.perf_counter()
     with Checkpoint.open(model_dir, follow_symlinks=follow_symlinks) as ckpt:
         try:
-            checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
+            checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping)
         except CustomCodeRequired as e:
             report = adapter_only_report("merge", adapter, e.finding)
             report.result = {"written": False, "out": str(out)}

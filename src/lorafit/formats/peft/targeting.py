@@ -12,7 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import user_regex
+from ... import user_regex
+from ...align import Landing
+from ...tree import ModuleTree
 
 
 def pattern_regex(key: str) -> str:
@@ -62,7 +64,11 @@ def wrapped_names(config: Mapping[str, Any], task_type: str | None) -> list[str]
 
 
 def is_wrapped(names: Sequence[str], path: str) -> bool:
-    """PEFT wraps every module whose path ends with one of the names (a plain suffix, not a dotted one)."""
+    """PEFT wraps every module whose path ends with one of the names (a plain suffix, not a dotted one).
+
+    This is not names_module: PEFT's wrapping (_set_trainable) tests a plain string suffix, while its
+    targeting keeps modules_to_save out by the dotted regex; each rule restates the PEFT code it mirrors.
+    """
     return any(path.endswith(n) for n in names)
 
 
@@ -71,9 +77,28 @@ def modules_to_save_regex(name: str) -> str:
     return rf"(^|.*\.){name}($|\..*)"
 
 
+def names_module(name: str, path: str) -> bool:
+    """True when the modules_to_save entry `name` names the module at `path` or one it is inside (PEFT's regex)."""
+    return user_regex.match(modules_to_save_regex(name), path) is not None
+
+
 def in_modules_to_save(config: Mapping[str, Any], path: str) -> bool:
     """True when `path` is a module named in modules_to_save, or inside one, by PEFT's regex rule."""
-    return any(user_regex.match(modules_to_save_regex(m), path) for m in (config.get("modules_to_save") or []))
+    return any(names_module(m, path) for m in (config.get("modules_to_save") or []))
+
+
+def wrapped_without_tensors(config: Mapping[str, Any], task_type: str | None, tree: ModuleTree,
+                            m: Landing) -> list[str]:
+    """Target modules PEFT will wrap as modules_to_save (config + task heads) that get no saved tensor.
+
+    PEFT 0.21 then fails in set_peft_model_state_dict with a KeyError on the wrapper's weight.
+    """
+    names = wrapped_names(config, task_type)
+    landed = set(m.tensor_pairs.values())
+    wrapped = [p for p in tree.modules if p and is_wrapped(names, p)]
+    # Only the outermost wrapped module counts: PEFT does not wrap inside a wrapper.
+    outer = [p for p in wrapped if not any(p.startswith(q + ".") for q in wrapped)]
+    return [p for p in outer if not any(t == p or t.startswith(p + ".") for t in landed)]
 
 
 def _excluded(config: Mapping[str, Any], path: str) -> bool:

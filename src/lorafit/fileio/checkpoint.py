@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointFormatError, LorafitError
+from ..errors import CheckpointFormatError, LorafitError
+from ..tensor_info import DTYPE_SIZES, TensorInfo
 from .inputs import confined, load_json, open_regular, read_into
-from .io import DTYPE_SIZES, TensorInfo, read_safetensors_header
+from .safetensors_header import read_safetensors_header
 
 if TYPE_CHECKING:
     import torch

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import patterns
-from .errors import AdapterFormatError
-from .peft_schema import task_types
+from ...errors import AdapterFormatError
+from . import targeting
+from .schema import task_types
 
 
 def _regex(value: str, field: str, path: Path, built: str | None = None) -> None:
@@ -68,7 +68,7 @@ def validate_config(config: dict[str, Any], path: Path) -> None:
         if not isinstance(pattern, dict):
             raise AdapterFormatError(f"{name} must be an object of module pattern -> number, got {pattern!r}", path)
         for key, value in pattern.items():
-            _regex(key, f"{name} key", path, patterns.pattern_regex(key))
+            _regex(key, f"{name} key", path, targeting.pattern_regex(key))
             if not _number(value) or (kind is int and not isinstance(value, int)):
                 raise AdapterFormatError(f"{name}[{key!r}] must be a{'n integer' if kind is int else ' number'}, "
                                          f"got {value!r}", path)
@@ -76,7 +76,7 @@ def validate_config(config: dict[str, Any], path: Path) -> None:
     _names(config, "exclude_modules", path, regex_if_str=True)
     _names(config, "modules_to_save", path, regex_if_str=False)
     for name in config.get("modules_to_save") or []:
-        _regex(name, "modules_to_save entry", path, patterns.modules_to_save_regex(name))
+        _regex(name, "modules_to_save entry", path, targeting.modules_to_save_regex(name))
     layers = config.get("layers_to_transform")
     if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
             isinstance(layers, list) and all(isinstance(x, int) for x in layers)):
@@ -86,4 +86,4 @@ def validate_config(config: dict[str, Any], path: Path) -> None:
             isinstance(pattern, list) and all(isinstance(x, str) for x in pattern)):
         raise AdapterFormatError(f"layers_pattern must be a string or a list of strings, got {pattern!r}", path)
     for p in [pattern] if isinstance(pattern, str) else pattern or []:
-        _regex(p, "layers_pattern", path, patterns.layers_regex(p))
+        _regex(p, "layers_pattern", path, targeting.layers_regex(p))

@@ -6,13 +6,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .adapter import Adapter, ensure_adapter, split_key
-from .checker import run_check
-from .errors import AdapterMismatchError
-from .findings import Finding
-from .fixer import remap_keys, write_fixed
-from .report import Report
-from .tree import tree_from_module
+from ..adapter import Adapter
+from ..errors import AdapterMismatchError
+from ..findings import Finding
+from ..formats import ensure_adapter, format_of
+from ..formats.peft.reader import split_key
+from ..formats.peft.writer import remap_keys
+from ..report import Report
+from ..targets import get_runtime
+from .check import Checked, run_check
+
+
+def _check_live(adapter: Adapter, model: Any, read_tensors: bool = True) -> Checked:
+    """check against a live model (a PeftModel is judged by the model it wraps)."""
+    runtime = get_runtime()
+    return run_check(adapter, runtime.target(model, None, adapter), read_tensors=read_tensors, runtime=runtime)
 
 
 def _same_bits(loaded: Any, saved: Any) -> bool:
@@ -85,8 +93,8 @@ def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | N
     a = ensure_adapter(adapter)
     active = getattr(peft_model, "active_adapter", "default")
     name: str = adapter_name or (active[0] if isinstance(active, list) else str(active))
-    tree = tree_from_module(peft_model)
-    checked = run_check(a, tree, tree.class_name, read_tensors=False, model=peft_model.get_base_model)
+    checked = _check_live(a, peft_model, read_tensors=False)
+    tree = checked.tree
     mapping = checked.alignment.chosen if not checked.alignment.ambiguous else checked.alignment.as_is
     keymap = remap_keys(a, mapping)
     has_emb_copy = any(x.kind == "embedding_base" for x in a.extras)
@@ -152,8 +160,8 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
 
     a = ensure_adapter(adapter)
     is_peft = isinstance(model, PeftModel)
-    tree = tree_from_module(model)
-    checked = run_check(a, tree, tree.class_name, model=lambda: model.get_base_model() if is_peft else model)
+    checked = _check_live(a, model)
+    tree = checked.tree
     chosen = checked.alignment.chosen
     if checked.alignment.ambiguous or chosen.conflicts or chosen.collisions:
         # PEFT would fail here with a size-mismatch RuntimeError, or lorafit would have to guess.
@@ -161,7 +169,7 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
                               if f.code in ("ambiguous-layout", "shape-mismatch", "embedding-size")])
         raise AdapterMismatchError(f"{a.path} does not land on {tree.class_name}", problems, checked.report)
     with tempfile.TemporaryDirectory(prefix="lorafit-load-") as tmp:
-        write_fixed(checked, Path(tmp))
+        format_of(a).write(a, chosen, tree, Path(tmp))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT's warnings are replaced by the verify report below
             if is_peft:
@@ -177,3 +185,34 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
             raise AdapterMismatchError(f"{a.path} did not load completely onto {tree.class_name}", problems, report)
         warnings.warn(f"lorafit: {a.path} did not load completely: " + "; ".join(problems), stacklevel=2)
     return peft_model
+
+
+def verify_pretrained(adapter: Adapter | str | Path, base: str | Path, class_name: str | type | None = None,
+                      probe: bool = False, lorafit_load: bool = False) -> Report:
+    """Load `base` as `class_name` and `adapter` on top (stock PEFT, or load_adapter), then verify the load.
+
+    Stock PEFT raising while it loads is itself the finding (load-failed), not an error of this call.
+
+    Raises:
+        LorafitError: unreadable adapter, base not found locally, unknown class.
+    """
+    from ..targets.transformers.resolve import load_config, resolve_class, resolve_model_dir
+    from .check import class_name_of
+
+    a = ensure_adapter(adapter)
+    model_dir = resolve_model_dir(base)
+    name = class_name_of(class_name) or get_runtime().default_how(a)
+    cls = resolve_class(name, load_config(model_dir), model_dir)
+    model = cls.from_pretrained(str(model_dir))  # type: ignore[attr-defined]
+    if lorafit_load:
+        return verify(load_adapter(model, a, strict=False), a, probe=probe)
+    from peft import PeftModel
+
+    try:
+        pm = PeftModel.from_pretrained(model, str(a.path))
+    except Exception as e:  # stock PEFT's own failure is the finding here, not a crash
+        first = (str(e).splitlines() or [""])[0][:200]
+        return Report("verify", adapter={"path": str(a.path)}, findings=[Finding(
+            "load-failed", f"stock PeftModel.from_pretrained raised {type(e).__name__}: {first}",
+            hint=f"lorafit check {a.path} --base {base} --class {cls.__name__} names the cause")])
+    return verify(pm, a, probe=probe)

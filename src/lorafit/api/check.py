@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .adapter import Adapter, ensure_adapter, entries_of
-from .align import Alignment, align
-from .diagnose import adapter_findings, target_findings
-from .errors import LorafitError
-from .findings import Finding
-from .health import Health, tensor_health
-from .report import Report, ranges
-from .target import default_class_name
-from .tree import ModuleTree
-from .user_regex import RegexTimeout
+from ..adapter import Adapter, entries_of
+from ..align import Alignment, align
+from ..diagnose import Health, adapter_findings, layout_findings
+from ..errors import LorafitError, UnknownClassError
+from ..findings import Finding
+from ..formats import ensure_adapter, format_of
+from ..formats.health import tensor_health
+from ..report import Report, ranges
+from ..targets import Runtime, Target, get_runtime
+from ..tree import ModuleTree
+from ..user_regex import RegexTimeout
 
 
 def parse_key_mapping(items: Sequence[str] | dict[str, str] | None) -> list[tuple[str, str]]:
@@ -92,11 +92,24 @@ def module_rows(adapter: Adapter, health: Health | None) -> list[dict[str, Any]]
     return rows
 
 
+def _adapter_findings(adapter: Adapter, health: Health | None) -> list[Finding]:
+    return adapter_findings(adapter, health, format_of(adapter).adapter_rules(adapter))
+
+
 def inspect(adapter: Adapter | str | Path, read_tensors: bool = True) -> Report:
-    """Describe an adapter and judge its health. Returns a Report; raises LorafitError on unreadable input."""
+    """Describe an adapter and judge its health, reading no model.
+
+    Args:
+        adapter: adapter dir, a file in it, a hub id in the local cache, or an Adapter.
+        read_tensors: also read tensor data for health (all-zero lora_B, NaN, Inf); False reads headers only.
+    Returns:
+        the Report (command "inspect"); `report.ok` is False when any finding is an error.
+    Raises:
+        LorafitError: the adapter cannot be read (the message names the file).
+    """
     a = ensure_adapter(adapter)
     health = tensor_health(a) if read_tensors else None
-    return Report("inspect", adapter=adapter_summary(a, health), findings=adapter_findings(a, health),
+    return Report("inspect", adapter=adapter_summary(a, health), findings=_adapter_findings(a, health),
                   modules=module_rows(a, health))
 
 
@@ -106,10 +119,17 @@ class Checked:
 
     report: Report
     adapter: Adapter
-    tree: ModuleTree
+    target: Target
     alignment: Alignment
-    class_name: str
-    model: Callable[[], Any] | None = None  # the target model on demand (see run_check)
+    runtime: Runtime
+
+    @property
+    def tree(self) -> ModuleTree:
+        return self.target.tree
+
+    @property
+    def class_name(self) -> str:
+        return self.target.how
 
 
 def alignment_summary(al: Alignment) -> dict[str, Any]:
@@ -119,63 +139,60 @@ def alignment_summary(al: Alignment) -> dict[str, Any]:
             "rejected": [{"rewrite": r.describe(), "lands": s, "why": why} for r, s, why in al.rejected[:5]]}
 
 
-def run_check(adapter: Adapter | str | Path, tree: ModuleTree, class_name: str,
-              key_mapping: Sequence[tuple[str, str]] = (), base: str | None = None,
-              read_tensors: bool = True, model: Callable[[], Any] | None = None) -> Checked:
-    """Align `adapter` with `tree` and collect every finding (adapter alone and adapter x target).
+def _fix_command(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]]) -> str:
+    """The exact `lorafit fix` command line that lands `a` on `target`."""
+    cmd = ["lorafit", "fix", str(a.path), "--base", target.base or "MODEL", "--class", target.how,
+           "-o", str(a.path.parent / f"{a.path.name}-{target.how.lower()}")]
+    for p, r in key_mapping:
+        cmd += ["--key-mapping", f"{p}={r}"]
+    return shlex.join(cmd)
 
-    `model` returns the target model (meta is fine); it is called only for model types whose keys PEFT
-    converts on load, to ask PEFT how it will rename this adapter's keys.
+
+def run_check(adapter: Adapter | str | Path, target: Target, key_mapping: Sequence[tuple[str, str]] = (),
+              read_tensors: bool = True, runtime: Runtime | None = None) -> Checked:
+    """Align `adapter` with `target` and collect every finding (adapter alone, alignment, runtime).
+
+    Raises:
+        LorafitError: unreadable adapter; a config regex too slow on the target's paths.
     """
     a = ensure_adapter(adapter)
     try:
-        return _run_check(a, tree, class_name, key_mapping, base, read_tensors, model)
+        return _run_check(a, target, key_mapping, read_tensors, runtime or get_runtime())
     except RegexTimeout as e:  # a config regex too slow on the target's paths: name the config it came from
         raise e.at(a.path / "adapter_config.json") from None
 
 
-def _run_check(a: Adapter, tree: ModuleTree, class_name: str, key_mapping: Sequence[tuple[str, str]],
-               base: str | None, read_tensors: bool, model: Callable[[], Any] | None) -> Checked:
+def _run_check(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]], read_tensors: bool,
+               runtime: Runtime) -> Checked:
+    fmt, tree = format_of(a), target.tree
     health = tensor_health(a) if read_tensors else None
-    renames = None
-    if tree.converts_keys and model is not None:
-        from .conversion import load_renames
-
-        renames = load_renames(a, model())
-    al = align(entries_of(a), tree, a.config, key_mapping, load_renames=renames)
-
-    def fix_cmd() -> str:
-        cmd = ["lorafit", "fix", str(a.path), "--base", base or "MODEL", "--class", class_name,
-               "-o", str(a.path.parent / f"{a.path.name}-{class_name.lower()}")]
-        for p, r in key_mapping:
-            cmd += ["--key-mapping", f"{p}={r}"]
-        return shlex.join(cmd)
-
-    auto = tree.implied_task_type
-    class_hint = (f"lorafit fix rewrites task_type to {auto or 'null'}; or load with the class the adapter was "
-                  f"trained with (--class {default_class_name(a.task_type)})")
-    findings = adapter_findings(a, health) + target_findings(a, tree, al, fix_cmd, class_hint)
-    target = tree.summary() | {"requested_class": class_name}
-    report = Report("check", adapter=adapter_summary(a, health), target=target,
-                    alignment=alignment_summary(al), findings=findings, modules=module_rows(a, health))
-    return Checked(report, a, tree, al, class_name, model)
+    al = align(entries_of(a), tree, fmt.targeting(a), key_mapping, load_renames=runtime.load_renames(a, target))
+    findings = _adapter_findings(a, health)
+    findings += layout_findings(a, tree, al, lambda: _fix_command(a, target, key_mapping), runtime.trained_as(a),
+                                lambda landing, hint: fmt.landing_rules(a, tree, landing, hint))
+    findings += runtime.rules(a, target, al) + target.notes
+    report = Report("check", adapter=adapter_summary(a, health),
+                    target=tree.summary() | {"requested_class": target.how}, alignment=alignment_summary(al),
+                    findings=findings, modules=module_rows(a, health))
+    return Checked(report, a, target, al, runtime)
 
 
-def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | None = None,
+def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
           key_mapping: Sequence[str] | dict[str, str] | None = None) -> Report:
     """Will this adapter land on `base` loaded as `class_name`? Works from config and headers only.
 
     Args:
         adapter: adapter dir, hub id in the local cache, or an Adapter.
         base: a local model dir or cached hub id, or a live nn.Module / PeftModel.
-        class_name: Auto class or concrete class; default: what the adapter's task_type implies.
+        class_name: Auto class or concrete class, by name or as the class itself (AutoModel);
+            default: what the adapter's task_type implies.
         key_mapping: user regex rewrites of module paths ('REGEX=REPL' strings or a dict).
     Returns:
         the Report; `report.ok` is False when any finding is an error.
     Raises:
         LorafitError: unreadable adapter, unknown class, base not found locally.
     """
-    from .target import CustomCodeRequired
+    from ..targets.transformers.resolve import CustomCodeRequired
 
     try:
         return run_check_for(adapter, base, class_name, key_mapping).report
@@ -191,37 +208,50 @@ def adapter_only_report(command: str, adapter: Adapter | str | Path, finding: Fi
     return report
 
 
-def meta_model_thunk(base: str | Path, class_name: str) -> Callable[[], Any]:
-    """A function that builds (once) the meta-device model of `class_name` for `base`."""
+def class_name_of(class_name: str | type | None) -> str | None:
+    """A class given as an object (AutoModel, LlamaForCausalLM) by its name; transformers' own classes only.
 
-    @cache
-    def build() -> Any:
-        from .target import build_meta_model, load_config, resolve_class, resolve_model_dir
+    Raises:
+        UnknownClassError: the class is not one transformers exports under that name.
+    """
+    if class_name is None or isinstance(class_name, str):
+        return class_name
+    name = getattr(class_name, "__name__", None)
+    import transformers
 
-        model_dir = resolve_model_dir(base)
-        config = load_config(model_dir)
-        return build_meta_model(resolve_class(class_name, config, model_dir), config, model_dir)
+    if not isinstance(class_name, type) or name is None or getattr(transformers, name, None) is not class_name:
+        raise UnknownClassError(f"{class_name!r} is not a transformers model class; pass a transformers class or "
+                                "its name, or load the model yourself and pass the model as the base")
+    return name
 
-    return build
 
-
-def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | None = None,
+def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
                   key_mapping: Sequence[str] | dict[str, str] | None = None) -> Checked:
     """check, keeping the intermediate objects (see Checked)."""
     a = ensure_adapter(adapter)
     mapping = parse_key_mapping(key_mapping)
-    if isinstance(base, (str, Path)):
-        from .target import custom_code_finding, read_model_config, resolve_model_dir, tree_from_pretrained
+    runtime = get_runtime()
+    target = runtime.target(base, class_name_of(class_name), a)
+    return run_check(a, target, mapping, runtime=runtime)
 
-        model_dir = resolve_model_dir(base)
-        note = custom_code_finding(model_dir, read_model_config(model_dir))
-        name = class_name or default_class_name(a.task_type)
-        tree = tree_from_pretrained(base, name)
-        checked = run_check(a, tree, name, mapping, base=str(base), model=meta_model_thunk(base, name))
-        if note is not None:
-            checked.report.findings.append(note)
-        return checked
-    from .tree import tree_from_module
 
-    tree = tree_from_module(base)
-    return run_check(a, tree, tree.class_name, mapping, model=lambda: base)
+def run_check_for_checkpoint(adapter: Adapter | str | Path, model_dir: Path, class_name: str | type | None,
+                             key_mapping: Sequence[str] | dict[str, str] | None) -> Checked:
+    """run_check_for against the class the checkpoint was saved with, unless the user names one.
+
+    The saved class's module paths are the checkpoint's tensor names, which a merge writes and verify-merge reads.
+
+    Raises:
+        LorafitError: unreadable adapter, unknown --class, unreadable config.
+    """
+    from ..targets.transformers.resolve import saved_class
+
+    if class_name:
+        return run_check_for(adapter, str(model_dir), class_name, key_mapping)
+    saved_as = saved_class(model_dir)
+    if saved_as:
+        try:
+            return run_check_for(adapter, str(model_dir), saved_as, key_mapping)
+        except UnknownClassError:
+            pass  # custom code: fall back to the class the adapter's task_type implies
+    return run_check_for(adapter, str(model_dir), None, key_mapping)

@@ -17,17 +17,15 @@ every name lands on it in module order, as PEFT's in-place merges do.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter import Adapter
-from .align import Mapping_
-from .checker import Checked, run_check_for
-from .errors import LorafitError, UnknownClassError
-from .tree import ModuleTree
+from ..adapter import Adapter
+from ..align import Landing
+from ..errors import LorafitError
+from ..tree import ModuleTree
 
 # Adapter features whose merge is not ΔW = B @ A (or DoRA); refused rather than merged wrongly.
 UNSUPPORTED_CONFIG = ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
@@ -73,11 +71,6 @@ class MergePlan:
         return sorted({d.module for p in self.changes.values() for d in p.deltas})
 
 
-def scaling(config: Mapping[str, Any], r: int, alpha: float) -> float:
-    """PEFT's scaling, with its exact float operations: lora_alpha / r, or lora_alpha / math.sqrt(r)."""
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
 def _kind(adapter_kind: str, tree_kind: str) -> str:
     if adapter_kind == "embedding":
         return "embedding"
@@ -101,7 +94,7 @@ def _key_resolver(tree: ModuleTree, keys: set[str]) -> Any:
     return key_of
 
 
-def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Mapping_, keys: Sequence[str],
+def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Landing, keys: Sequence[str],
                where: Path | None = None) -> MergePlan:
     """Plan the merge of `adapter` (landed by `mapping` on `tree`) into a checkpoint holding `keys`, in order.
 
@@ -123,7 +116,7 @@ def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Mapping_, keys: Sequ
         if kind == "conv":
             raise LorafitError(f"cannot merge {src}: LoRA on convolution layers is not supported by lorafit merge",
                                adapter.path)
-        sc = scaling(cfg, m.config_rank, m.alpha)
+        sc = m.scaling
         deltas.setdefault((dst, "weight"), []).append(Delta(src, dst, kind, m.keys, sc, m.has_dora))
         if m.has_bias:
             deltas.setdefault((dst, "bias"), []).append(Delta(src, dst, kind, m.keys, sc, role="bias"))
@@ -195,34 +188,3 @@ def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Mapping_, keys: Sequ
     plan.order = list(keys) + extra_names
     plan.sources = {k: k for k in keys} | {n: changes[n].source for n in extra_names}
     return plan
-
-
-def default_class(model_dir: Path) -> str | None:
-    """The class the checkpoint was saved with (config.architectures[0]): its module paths are the tensor names."""
-    from .target import read_model_config
-
-    archs = read_model_config(model_dir).get("architectures")
-    if archs is None:
-        return None
-    if not isinstance(archs, list) or not all(isinstance(a, str) and a.isidentifier() for a in archs):
-        raise LorafitError(f"architectures must be a list of class names, got {str(archs)[:80]}",
-                           model_dir / "config.json")
-    return archs[0] if archs else None
-
-
-def check_for_merge(adapter: Any, model_dir: Path, class_name: str | None,
-                    key_mapping: Sequence[str] | dict[str, str] | None) -> Checked:
-    """run_check_for against the class the checkpoint was saved with, unless the user names one.
-
-    Raises:
-        LorafitError: unreadable adapter, unknown --class, unreadable config.
-    """
-    if class_name:
-        return run_check_for(adapter, str(model_dir), class_name, key_mapping)
-    saved_as = default_class(model_dir)
-    if saved_as:
-        try:
-            return run_check_for(adapter, str(model_dir), saved_as, key_mapping)
-        except UnknownClassError:
-            pass  # custom code: fall back to the class the adapter's task_type implies
-    return run_check_for(adapter, str(model_dir), None, key_mapping)

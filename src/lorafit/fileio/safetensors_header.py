@@ -1,43 +1,14 @@
-"""safetensors headers without torch, and the HF cache location; shared by the reader, fix and merge."""
+"""safetensors headers without torch: shapes, dtypes and data offsets, checked against the file."""
 
 from __future__ import annotations
 
-import json
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AdapterFormatError, LorafitError
+from ..errors import AdapterFormatError, LorafitError
+from ..tensor_info import DTYPE_SIZES, TensorInfo
 from .inputs import no_duplicates, open_regular, parse_json, read_into
-
-# Bytes per element for each safetensors dtype code; used to check that a header fits its file.
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a safetensors header says of one tensor: enough to check shapes with no data read."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int | None = None  # absolute file offset of the data (safetensors only), for raw reads
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * DTYPE_SIZES.get(self.dtype, 4)
 
 
 def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterFormatError
@@ -110,24 +81,3 @@ def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterForma
                         path)
         expected = end
     return infos, metadata
-
-
-def hf_hub_cache_dir() -> str:
-    """The HF hub cache directory that the environment names now.
-
-    huggingface_hub reads HF_HUB_CACHE / HF_HOME once, when it is imported; this reads them at call time,
-    with the same precedence: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub.
-    Returns the directory (it need not exist).
-    """
-    env = os.environ
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(name):
-            return os.path.expandvars(os.path.expanduser(env[name]))
-    xdg = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    home = env.get("HF_HOME") or os.path.join(xdg, "huggingface")
-    return os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub")
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write JSON the way PEFT and transformers do (indent 2, sorted keys, trailing newline)."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

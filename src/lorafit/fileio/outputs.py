@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -24,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from .errors import LorafitError, OutputExistsError
+from ..errors import LorafitError, OutputExistsError
 
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -150,8 +151,9 @@ class OutputDir:
     """Build an output directory in a marked staging directory; on success rename it to `out` atomically.
 
     Use: `staging = OutputDir(out, force, protect)`, then `with staging as tmp:` write into tmp. On any
-    exception (including a signal turned into one) the staging directory and any parent directories
-    this created are removed. `staging.cleaned` lists the stale leftovers removed on the way in.
+    exception (including a signal turned into one), or after `staging.discard()`, the staging directory and
+    any parent directories this created are removed and nothing is renamed into place. `staging.cleaned`
+    lists the stale leftovers removed on the way in.
 
     Raises (at construction):
         OutputExistsError: `out` exists and force is False.
@@ -172,6 +174,11 @@ class OutputDir:
             raise OutputExistsError("output already exists; pass --force to overwrite it", self.out)
         self.tmp: Path | None = None
         self._made: list[Path] = []
+        self._discarded = False
+
+    def discard(self) -> None:
+        """Write nothing: on leaving the `with` block the staging directory is removed, not renamed into place."""
+        self._discarded = True
 
     def __enter__(self) -> Path:
         parent = self.out.parent
@@ -188,7 +195,7 @@ class OutputDir:
         return self.tmp
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if kind is None:
+        if kind is None and not self._discarded:
             try:
                 self._commit()
                 return
@@ -196,6 +203,8 @@ class OutputDir:
                 self._undo()
                 raise
         self._undo()
+        if kind is None:
+            return
         if isinstance(exc, OSError):
             raise LorafitError(f"cannot write the output ({exc.strerror or exc})", self.out) from None
         if isinstance(exc, LorafitError) and exc.path is None:
@@ -229,3 +238,8 @@ class OutputDir:
             except OSError:
                 break
         self._made.clear()
+
+
+def write_json(path: Path, data: object) -> None:
+    """Write JSON the way PEFT and transformers do (indent 2, sorted keys, trailing newline)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -8,11 +8,12 @@ and a value is zero when every bit but the sign is zero.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .adapter import Adapter
-from .errors import AdapterFormatError
-from .inputs import open_regular, read_into
+from ..adapter import Adapter
+from ..diagnose import Health
+from ..errors import AdapterFormatError
+from ..fileio.inputs import open_regular, read_into
 
 # dtype code -> (unsigned view, exponent mask, mantissa mask)
 _FLOAT_BITS = {
@@ -21,13 +22,6 @@ _FLOAT_BITS = {
     "F32": ("<u4", 0x7F800000, 0x007FFFFF),
     "F64": ("<u8", 0x7FF0000000000000, 0x000FFFFFFFFFFFFF),
 }
-
-
-@dataclass
-class Health:
-    zero_b: list[str] = field(default_factory=list)  # module paths whose lora_B is all zero
-    non_finite: dict[str, str] = field(default_factory=dict)  # key -> "NaN" / "Inf" / "NaN+Inf"
-    parameters: int = 0
 
 
 @dataclass

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import LorafitError
+from ..errors import LorafitError
 
 MAX_JSON_BYTES = 64 << 20  # a config or index; real ones are kilobytes, a 70B index is ~100 KB
 MAX_JSON_DEPTH = 64  # real configs nest 3-4 levels

@@ -11,22 +11,21 @@ be bit-identical to the base.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapter import Adapter
-from .checker import adapter_only_report, alignment_summary
-from .errors import LorafitError
-from .findings import Finding
-from .merge_math import lora_dtype
-from .merge_plan import Delta, TensorPlan, build_plan, check_for_merge
-from .report import Report
-from .shards import _CHUNK, FLOAT_CODES, TORCH_NAMES, Checkpoint, torch_dtype
-from .target import CustomCodeRequired, resolve_model_dir
+from ..adapter import Adapter
+from ..errors import LorafitError
+from ..fileio.checkpoint import _CHUNK, FLOAT_CODES, TORCH_NAMES, Checkpoint, torch_dtype
+from ..findings import Finding
+from ..merging.math import lora_dtype, torch_threads
+from ..merging.plan import Delta, TensorPlan, build_plan
+from ..report import Report
+from ..targets.transformers.resolve import CustomCodeRequired, read_model_config, resolve_model_dir
+from .check import adapter_only_report, alignment_summary, run_check_for_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -240,12 +239,11 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
         LorafitError: unreadable inputs (missing or truncated shards, no adapter), or an adapter that changes
             no tensor of the base.
     """
-    import torch
 
     merged_dir, model_dir = Path(merged), resolve_model_dir(base)
     with Checkpoint.open(model_dir) as bck, Checkpoint.open(merged_dir) as mck:
         try:
-            checked = check_for_merge(adapter, model_dir, class_name, key_mapping)
+            checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping)
         except CustomCodeRequired as e:
             return adapter_only_report("verify-merge", adapter, e.finding)
         a = checked.adapter
@@ -255,14 +253,9 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
         missing = [n for n in plan.order if n not in mck.tensors]
         same = [n for n in plan.order if n not in plan.changes and n not in missing]
         adapted = [tp for n, tp in plan.changes.items() if n not in missing]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                identical = list(pool.map(lambda n: _bit_identical(bck, plan.sources[n], mck, n), same))
-                rows = list(pool.map(lambda tp: _checked_tensor(tp, bck, mck, a), adapted))
-        finally:
-            torch.set_num_threads(threads)
+        with torch_threads(workers), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            identical = list(pool.map(lambda n: _bit_identical(bck, plan.sources[n], mck, n), same))
+            rows = list(pool.map(lambda tp: _checked_tensor(tp, bck, mck, a), adapted))
     changed = [n for n, eq in zip(same, identical, strict=True) if not eq]
     changed += [f"{n} (not in the base)" for n in mck.tensors if n not in plan.sources]
     dtypes = {TORCH_NAMES[t.dtype] for t in mck.tensors.values() if t.dtype in FLOAT_CODES}
@@ -332,7 +325,6 @@ def _config_findings(model_dir: Path, merged_dir: Path, merged_dtypes: set[str],
 
     Tied embeddings written apart must say tie_word_embeddings=false (else loading ties them again).
     """
-    from .target import read_model_config
 
     path = merged_dir / "config.json"
     try:

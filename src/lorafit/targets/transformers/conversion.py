@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adapter import PEFT_PREFIX, Adapter, split_key
+from ...adapter import Adapter
+from ...formats.peft.reader import PEFT_PREFIX, split_key
 
 
 def has_conversion(model_type: str | None) -> bool:

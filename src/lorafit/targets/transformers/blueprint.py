@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from .tree import ModuleInfo, ModuleTree
+from ...tree import ModuleInfo, ModuleTree
 
 SCHEMA = "lorafit.blueprints/1"
 DATA_DIR = Path(__file__).parent / "blueprints"

@@ -16,15 +16,17 @@ a test fails rather than a merge silently drifting.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .errors import LorafitError
+from ..errors import LorafitError
 
 if TYPE_CHECKING:
     import torch
 
-    from .merge_plan import Delta
+    from .plan import Delta
 
 
 def lora_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -150,3 +152,19 @@ def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tens
     for rows in row_blocks(weight.shape[0], weight[0].numel()):
         merge_block(weight[rows], full[rows], d.scaling, adds_rounded_delta(d, safe))
     return weight
+
+
+@contextmanager
+def torch_threads(workers: int) -> Iterator[None]:
+    """Give each of `workers` threads its share of torch's intra-op threads for the block, then restore.
+
+    Two OpenMP teams on two cores spin against each other; torch's setting is process-wide, hence the restore.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,10 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import LorafitError, ModelNotFoundError, UnknownClassError
-from .findings import Finding
-from .inputs import parse_json, read_bytes
-from .tree import TASK_TO_AUTO, ModuleTree, tree_from_module
+from ...errors import LorafitError, ModelNotFoundError, UnknownClassError
+from ...fileio.hub import cached_snapshot
+from ...fileio.inputs import parse_json, read_bytes
+from ...findings import Finding
+from ...tree import ModuleTree
+from .module_tree import TASK_TO_AUTO, tree_from_module
 
 # No real model has more: the largest have ~130 layers. Beyond this a tree would cost minutes and gigabytes.
 MAX_LAYERS = 4096
@@ -88,16 +90,9 @@ def resolve_model_dir(model: str | Path) -> Path:
         return p
     if p.exists():
         raise ModelNotFoundError("is a file; pass the model directory that holds config.json", p)
-    try:
-        from huggingface_hub import snapshot_download
-
-        from .io import hf_hub_cache_dir
-
-        snap = Path(snapshot_download(str(model), local_files_only=True, cache_dir=hf_hub_cache_dir()))
-        if (snap / "config.json").exists():
-            return snap
-    except Exception:
-        pass
+    snap = cached_snapshot(str(model))
+    if snap is not None and (snap / "config.json").exists():
+        return snap
     raise ModelNotFoundError(
         "base model not found locally, and lorafit never downloads. Pass a local directory "
         "(one written by save_pretrained), or fetch it into the HF cache first with `hf download ID`",
@@ -221,3 +216,14 @@ def _from_blueprint(config_bytes: bytes, class_name: str, source: str) -> Module
         return tree_from_blueprint(config, class_name, source)
     except (KeyError, TypeError, ValueError, IndexError, ArithmeticError):
         return None  # a damaged blueprint file: the meta build is always right
+
+
+def saved_class(model_dir: Path) -> str | None:
+    """The class the checkpoint was saved with (config.architectures[0]): its module paths are the tensor names."""
+    archs = read_model_config(model_dir).get("architectures")
+    if archs is None:
+        return None
+    if not isinstance(archs, list) or not all(isinstance(a, str) and a.isidentifier() for a in archs):
+        raise LorafitError(f"architectures must be a list of class names, got {str(archs)[:80]}",
+                           model_dir / "config.json")
+    return archs[0] if archs else None

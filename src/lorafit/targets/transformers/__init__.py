@@ -1,0 +1,80 @@
+"""The transformers runtime: PEFT loading an adapter onto a transformers model class.
+
+Its Target is the class's ModuleTree, built without weights (tree cache, shipped blueprint, or a
+meta-device build; see resolve.py), or the tree of a live model. Its rules are how PEFT's wrapper for
+the adapter's task_type treats that class (rules.py), and its load-time key conversion (conversion.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ...adapter import Adapter
+from ...align import Alignment
+from ...findings import Finding
+from .. import Target, register_runtime
+from .module_tree import TASK_TO_AUTO
+from .resolve import default_class_name
+
+
+def meta_model_thunk(base: str | Path, class_name: str) -> Callable[[], Any]:
+    """A function that builds (once) the meta-device model of `class_name` for `base`."""
+
+    @cache
+    def build() -> Any:
+        from .resolve import build_meta_model, load_config, resolve_class, resolve_model_dir
+
+        model_dir = resolve_model_dir(base)
+        config = load_config(model_dir)
+        return build_meta_model(resolve_class(class_name, config, model_dir), config, model_dir)
+
+    return build
+
+
+class TransformersRuntime:
+    """PeftModel.from_pretrained(<class>.from_pretrained(base), adapter)."""
+
+    name = "transformers"
+
+    def default_how(self, adapter: Adapter) -> str:
+        return default_class_name(adapter.task_type)
+
+    def trained_as(self, adapter: Adapter) -> str | None:
+        return TASK_TO_AUTO.get(adapter.task_type or "")
+
+    def target(self, base: Any, how: str | None, adapter: Adapter) -> Target:
+        """A local model dir or cached hub id (tree without weights), or a live nn.Module / PeftModel."""
+        if isinstance(base, (str, Path)):
+            from .resolve import custom_code_finding, read_model_config, resolve_model_dir, tree_from_pretrained
+
+            model_dir = resolve_model_dir(base)
+            note = custom_code_finding(model_dir, read_model_config(model_dir))
+            name = how or self.default_how(adapter)
+            tree = tree_from_pretrained(base, name)
+            return Target(tree, name, str(base), [note] if note else [], meta_model_thunk(base, name))
+        from .module_tree import tree_from_module
+
+        tree = tree_from_module(base)
+        wrapped = getattr(base, "get_base_model", None) if hasattr(base, "peft_config") else None
+        return Target(tree, tree.class_name, None, [], wrapped or (lambda: base))
+
+    def load_renames(self, adapter: Adapter, target: Target) -> dict[str, str] | None:
+        if not target.tree.converts_keys or target.model is None:
+            return None
+        from .conversion import load_renames
+
+        return load_renames(adapter, target.model())
+
+    def rules(self, adapter: Adapter, target: Target, alignment: Alignment) -> list[Finding]:
+        from .rules import runtime_rules
+
+        auto = target.tree.implied_task_type
+        class_hint = (f"lorafit fix rewrites task_type to {auto or 'null'}; or load with the class the adapter was "
+                      f"trained with (--class {self.default_how(adapter)})")
+        return runtime_rules(adapter, target.tree, alignment, class_hint)
+
+
+register_runtime(TransformersRuntime())
