@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import errors  # noqa: E402  (the API modules below read __version__)
+from . import errors as errors  # noqa: E402  (importable at once; the API modules below read __version__)
 from .api.check import check, inspect  # noqa: E402
 from .api.fix import fix  # noqa: E402
 from .api.load import load_adapter, verify  # noqa: E402

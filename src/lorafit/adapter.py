@@ -11,13 +11,21 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import AdapterFormatError
 from .tensor_info import TensorInfo
 
 if TYPE_CHECKING:
     import torch
+
+# What a LoRA module adapts: Linear and Conv1D alike ("linear": the tensors cannot tell them apart), an
+# Embedding, or a convolution.
+LoraKind = Literal["linear", "embedding", "conv"]
+# What an alignment entry is: a LoRA module, or a saved tensor that replaces a parameter.
+EntryKind = Literal["linear", "embedding", "conv", "tensor"]
+# Why a saved tensor that is not a LoRA factor is there.
+ExtraKind = Literal["modules_to_save", "embedding_base", "trainable_tokens", "other"]
 
 
 @dataclass
@@ -29,7 +37,7 @@ class LoraModule:
     """
 
     path: str
-    kind: str
+    kind: LoraKind
     keys: dict[str, str]
     rank: int
     in_features: int
@@ -58,7 +66,7 @@ class ExtraTensor:
     module: str
     param: str
     info: TensorInfo
-    kind: str  # "modules_to_save" | "embedding_base" | "trainable_tokens" | "other"
+    kind: ExtraKind
 
 
 @dataclass
@@ -109,7 +117,7 @@ class Entry:
     """One thing the adapter wants to land: a LoRA module (kind linear/embedding/conv) or a saved tensor."""
 
     path: str  # module path in the adapter's layout
-    kind: str  # "linear" | "embedding" | "conv" | "tensor"
+    kind: EntryKind
     in_features: int | None = None
     out_features: int | None = None
     param: str | None = None  # for kind "tensor": parameter name and shape

@@ -1,4 +1,5 @@
-"""One error hierarchy. cli.py maps it to exit codes: LorafitError -> 2, findings with errors -> 1."""
+"""One error hierarchy. cli.py maps it to exit codes: LorafitError -> 2, AdapterMismatchError and findings with
+errors -> 1."""
 
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ class OutputExistsError(LorafitError):
     """The output directory exists and --force was not given."""
 
 
-class AdapterMismatchError(Exception):
+class AdapterMismatchError(LorafitError):
     """The adapter does not land on the model: tensors dropped, left at init, or not bit-equal.
 
+    Unlike the other LorafitErrors this is a finding about the adapter, not bad input: the CLI exits 1 for it.
     `report` is the lorafit Report (or None) and `problems` the list of human-readable problems.
     """
 
@@ -55,3 +57,6 @@ class AdapterMismatchError(Exception):
         if len(self.problems) > 20:
             lines.append(f"  ... and {len(self.problems) - 20} more")
         super().__init__("\n".join(lines))
+
+    def at(self, path: str | Path) -> LorafitError:
+        return self  # the message already names the adapter

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adapter import LoraKind
+
 
 @dataclass(frozen=True)
 class ModuleInfo:
@@ -22,7 +24,7 @@ class ModuleInfo:
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
-    def lora_kind(self) -> str | None:
+    def lora_kind(self) -> LoraKind | None:
         """The LoraModule kind that can land on this module, or None when PEFT cannot adapt it."""
         if self.kind in ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear"):
             return "linear"

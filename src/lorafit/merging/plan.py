@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ..adapter import Adapter
+from ..adapter import Adapter, LoraKind
 from ..align import Landing
 from ..errors import LorafitError
 from ..tree import ModuleTree
@@ -32,13 +32,17 @@ UNSUPPORTED_CONFIG = ("target_parameters", "trainable_token_indices", "layer_rep
                       "arrow_config", "use_bdlora", "velora_config", "monteclora_config", "kasa_config")
 
 
+# How a delta is added: GPT-2's Conv1D stores the weight [in, out] (PEFT's fan_in_fan_out), so it is transposed.
+DeltaKind = Literal["linear", "conv1d", "embedding", "conv"]
+
+
 @dataclass(frozen=True)
 class Delta:
     """One adapter module's change to one tensor: its kind, PEFT's scaling, and the adapter keys it reads."""
 
     module: str  # the module path as saved in the adapter
     target: str  # the module path in the tree
-    kind: str  # "linear" | "conv1d" (GPT-2, fan_in_fan_out) | "embedding" | "conv"
+    kind: DeltaKind
     keys: Mapping[str, str]  # role (A, B, magnitude, bias) -> adapter key
     scaling: float
     dora: bool = False
@@ -71,7 +75,7 @@ class MergePlan:
         return sorted({d.module for p in self.changes.values() for d in p.deltas})
 
 
-def _kind(adapter_kind: str, tree_kind: str) -> str:
+def _kind(adapter_kind: LoraKind, tree_kind: str) -> DeltaKind:
     if adapter_kind == "embedding":
         return "embedding"
     if adapter_kind == "linear":

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...adapter import Adapter, ExtraTensor, LoraModule
+from ...adapter import Adapter, ExtraKind, ExtraTensor, LoraKind, LoraModule
 from ...errors import AdapterFormatError, AdapterNotFoundError
 from ...fileio.hub import cached_snapshot, looks_like_repo_id
 from ...fileio.inputs import load_json, open_regular
@@ -239,6 +239,18 @@ def read_adapter(spec: str | Path, subfolder: str | None = None) -> Adapter:
     return adapter
 
 
+def _extra_kind(config: dict[str, Any], module: str) -> ExtraKind:
+    """Why a tensor that is not a LoRA factor is saved: a modules_to_save copy, a targeted embedding's own weight
+    (under PEFT's `.base_layer`), trainable tokens, or something else."""
+    if targeting.in_modules_to_save(config, module):
+        return "modules_to_save"
+    if module.endswith(".base_layer"):
+        return "embedding_base"
+    if module.endswith(".token_adapter"):
+        return "trainable_tokens"
+    return "other"
+
+
 def _group_modules(adapter: Adapter) -> None:
     roles: dict[str, dict[str, str]] = {}
     for key, info in adapter.infos.items():
@@ -246,14 +258,7 @@ def _group_modules(adapter: Adapter) -> None:
             adapter.unrooted_keys.append(key)
         module, role, param = split_key(key)
         if role is None:
-            kind = "other"
-            if targeting.in_modules_to_save(adapter.config, module):
-                kind = "modules_to_save"
-            elif module.endswith(".base_layer"):
-                kind = "embedding_base"
-            elif module.endswith(".token_adapter"):
-                kind = "trainable_tokens"
-            adapter.extras.append(ExtraTensor(key, module, param, info, kind))
+            adapter.extras.append(ExtraTensor(key, module, param, info, _extra_kind(adapter.config, module)))
             continue
         _check_ndim(key, role, info, adapter.weights_path)
         roles.setdefault(module, {})[role] = key
@@ -262,10 +267,8 @@ def _group_modules(adapter: Adapter) -> None:
             adapter.incomplete[module] = sorted(keys)
             continue
         a, b = adapter.infos[keys["A"]].shape, adapter.infos[keys["B"]].shape
-        if "lora_embedding" in keys["A"]:
-            kind, rank, in_f, out_f = "embedding", a[0], a[1], b[0]
-        else:
-            kind, rank, in_f, out_f = ("linear" if len(a) == 2 else "conv"), a[0], a[1], b[0]
+        kind: LoraKind = "embedding" if "lora_embedding" in keys["A"] else "linear" if len(a) == 2 else "conv"
+        rank, in_f, out_f = a[0], a[1], b[0]
         if kind == "linear":
             for role in ("magnitude", "bias"):
                 extra = adapter.infos[keys[role]] if role in keys else None
