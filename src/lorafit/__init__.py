@@ -6,15 +6,14 @@ Importing lorafit is cheap: torch, transformers and peft are imported only by th
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from . import errors as errors  # noqa: E402  (importable at once; the API modules below read __version__)
-from .api.check import check, inspect  # noqa: E402
-from .api.fix import fix  # noqa: E402
-from .api.load import load_adapter, verify  # noqa: E402
-from .api.merge import merge  # noqa: E402
-from .api.verify_merge import verify_merge  # noqa: E402
-from .report import Report  # noqa: E402
+from . import errors as errors  # importable right after `import lorafit`
+from .api.check import check, inspect
+from .api.fix import fix
+from .api.load import load_adapter, verify
+from .api.merge import merge
+from .api.verify_merge import verify_merge
+from .report import Report
+from .version import __version__
 
 __all__ = ["inspect", "check", "fix", "load_adapter", "verify", "merge", "verify_merge", "Report",
            "__version__"]

@@ -28,7 +28,7 @@ def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
-        from . import __version__
+        from .version import __version__
 
         libs = ", ".join(f"{p} {version(p)}" for p in ("peft", "transformers", "torch"))
         typer.echo(f"lorafit {__version__} ({libs})")

@@ -20,7 +20,6 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
 from ..adapter import Adapter
 from ..diagnose import rule_coverage
 from ..errors import LorafitError, OutputExistsError
@@ -52,6 +51,7 @@ from ..merging.plan import MergePlan, TensorPlan, build_plan
 from ..report import Report
 from ..targets.transformers.resolve import CustomCodeRequired, resolve_model_dir
 from ..tensor_info import DTYPE_SIZES
+from ..version import __version__
 from .check import Checked, adapter_only_report, alignment_summary, run_check_for_checkpoint
 
 if TYPE_CHECKING:

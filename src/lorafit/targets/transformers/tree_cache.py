@@ -33,7 +33,7 @@ def _version(pkg: str) -> str:
 
 
 def cache_key(config_bytes: bytes, class_name: str) -> str:
-    from ... import __version__
+    from ...version import __version__
 
     h = hashlib.sha256()
     for part in (_SCHEMA, __version__, _version("transformers"), class_name):
