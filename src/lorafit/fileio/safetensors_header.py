@@ -11,6 +11,20 @@ from ..tensor_info import DTYPE_SIZES, TensorInfo
 from .inputs import no_duplicates, open_regular, parse_json, read_into
 
 
+def _check_unicode(header: dict, metadata: dict, path: Path, error: type[LorafitError]) -> None:
+    """Refuse a name that JSON's escapes allow but Unicode does not (a lone surrogate such as \\ud800).
+
+    Python's json reads it; the safetensors library refuses the file, so a checkpoint written with that
+    name could never be loaded again.
+    """
+    for text in [*header, *metadata, *(v for v in metadata.values() if isinstance(v, str))]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise error(f"corrupt safetensors file (the name {text!r} is not valid Unicode: it holds a lone "
+                        "surrogate escape, which the safetensors library refuses)", path) from None
+
+
 def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterFormatError
                             ) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse a safetensors header (8-byte length + JSON) without importing torch.
@@ -44,6 +58,7 @@ def read_safetensors_header(path: Path, error: type[LorafitError] = AdapterForma
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise error("corrupt safetensors file (its __metadata__ is not a JSON object)", path)
+    _check_unicode(header, metadata, path, error)
     infos: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     data_len = size - 8 - n
