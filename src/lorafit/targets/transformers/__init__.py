@@ -48,12 +48,12 @@ class TransformersRuntime:
     def target(self, base: Any, how: str | None, adapter: Adapter) -> Target:
         """A local model dir or cached hub id (tree without weights), or a live nn.Module / PeftModel."""
         if isinstance(base, (str, Path)):
-            from .resolve import custom_code_finding, read_model_config, resolve_model_dir, tree_from_pretrained
+            from .resolve import custom_code_finding, open_model_dir, tree_from_pretrained
 
-            model_dir = resolve_model_dir(base)
-            note = custom_code_finding(model_dir, read_model_config(model_dir))
+            md = open_model_dir(base)  # config.json is read here, once
+            note = custom_code_finding(md.path, md.config)
             name = how or self.default_how(adapter)
-            tree = tree_from_pretrained(base, name)
+            tree = tree_from_pretrained(md, name, source=str(base))
             return Target(tree, name, str(base), [note] if note else [], meta_model_thunk(base, name))
         from .module_tree import tree_from_module
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,26 @@ class CustomCodeRequired(LorafitError):
         super().__init__(finding.message, path)
 
 
+@dataclass(frozen=True)
+class ModelDir:
+    """A base model directory and its config.json, read once: raw bytes (the tree cache's key) and parsed."""
+
+    path: Path
+    raw: bytes
+    config: dict[str, Any]
+
+
+def open_model_dir(model: str | Path) -> ModelDir:
+    """Resolve `model` (see resolve_model_dir) and read its config.json once, under lorafit's budgets.
+
+    Raises:
+        ModelNotFoundError, LorafitError: as resolve_model_dir and read_model_config.
+    """
+    path = resolve_model_dir(model)
+    raw = read_bytes(path / "config.json")
+    return ModelDir(path, raw, _parse_model_config(raw, path / "config.json"))
+
+
 def read_model_config(model_dir: Path) -> dict[str, Any]:
     """config.json as JSON, under lorafit's budgets (regular file, size, depth, layer counts).
 
@@ -37,7 +58,11 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
         LorafitError: not readable, not a JSON object, or a layer count no model has.
     """
     path = model_dir / "config.json"
-    config = parse_json(read_bytes(path), path, LorafitError)
+    return _parse_model_config(read_bytes(path), path)
+
+
+def _parse_model_config(raw: bytes, path: Path) -> dict[str, Any]:
+    config = parse_json(raw, path, LorafitError)
     if not isinstance(config, dict):
         raise LorafitError("is not a JSON object", path)
     stack: list[dict[str, Any]] = [config]
@@ -100,11 +125,15 @@ def resolve_model_dir(model: str | Path) -> Path:
     )
 
 
-def load_config(model_dir: Path) -> Any:
-    """The model's transformers config, read offline. Raises LorafitError if transformers cannot read it."""
+def load_config(model_dir: Path, checked: dict[str, Any] | None = None) -> Any:
+    """The model's transformers config, read offline. Raises LorafitError if transformers cannot read it.
+
+    `checked` is config.json as read_model_config returned it, when the caller has it already.
+    """
     from transformers import AutoConfig
 
-    custom_code_finding(model_dir, read_model_config(model_dir))  # budgets and custom code before transformers
+    # Budgets and custom code before transformers reads anything.
+    custom_code_finding(model_dir, checked if checked is not None else read_model_config(model_dir))
     try:
         return AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:
@@ -172,46 +201,38 @@ def build_meta_model(cls: type, config: Any, model_dir: Path | None = None) -> A
                            f"{first})", where) from None
 
 
-def tree_from_pretrained(model: str | Path, class_name: str) -> ModuleTree:
-    """Build the ModuleTree of `class_name` for a local or cached model.
+def tree_from_pretrained(model: str | Path | ModelDir, class_name: str, source: str | None = None) -> ModuleTree:
+    """Build the ModuleTree of `class_name` for a local or cached model (or a ModelDir already read).
 
     Tried in order: the tree cache, a blueprint (both need neither torch nor transformers), and the
     meta-device build. No weight is read. Raises ModelNotFoundError, UnknownClassError, LorafitError.
     """
     from . import tree_cache
 
-    model_dir = resolve_model_dir(model)
+    md = model if isinstance(model, ModelDir) else open_model_dir(model)
+    source = source or (str(model) if not isinstance(model, ModelDir) else str(md.path))
     name = class_name
-    config_bytes = read_bytes(model_dir / "config.json")
-    custom_code_finding(model_dir, read_model_config(model_dir))  # raises before anything could run its code
-    key = tree_cache.cache_key(config_bytes, name)
+    custom_code_finding(md.path, md.config)  # raises before anything could run its code
+    key = tree_cache.cache_key(md.raw, name)
     cached = tree_cache.load(key)
     if cached is not None:
-        cached.source, cached.origin = str(model), "cache"
+        cached.source, cached.origin = source, "cache"
         return cached
-    drawn = _from_blueprint(config_bytes, name, str(model))
+    drawn = _from_blueprint(md.config, name, source)
     if drawn is not None:
         return drawn
-    config = load_config(model_dir)
-    cls = resolve_class(name, config, model_dir)
-    tree = tree_from_module(build_meta_model(cls, config, model_dir), source=str(model))
+    config = load_config(md.path, md.config)
+    cls = resolve_class(name, config, md.path)
+    tree = tree_from_module(build_meta_model(cls, config, md.path), source=source)
     tree.origin = "meta"
     tree_cache.store(key, tree)
     return tree
 
 
-def _from_blueprint(config_bytes: bytes, class_name: str, source: str) -> ModuleTree | None:
+def _from_blueprint(config: dict[str, Any], class_name: str, source: str) -> ModuleTree | None:
     """The tree from a shipped blueprint, without importing torch or transformers; None if none covers it."""
-    import json
-
     from .blueprint import tree_from_blueprint
 
-    try:
-        config = json.loads(config_bytes)
-    except ValueError:
-        return None  # transformers' own reader gives the error message
-    if not isinstance(config, dict):
-        return None
     try:
         return tree_from_blueprint(config, class_name, source)
     except (KeyError, TypeError, ValueError, IndexError, ArithmeticError):
