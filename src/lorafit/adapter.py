@@ -67,6 +67,7 @@ class ExtraTensor:
     param: str
     info: TensorInfo
     kind: ExtraKind
+    wrapper: str = ""  # the end of `module` that names the format's wrapper, not a module of the model
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Entry:
     shape: tuple[int, ...] | None = None
     key: str | None = None  # for kind "tensor": the checkpoint key
     rooted: bool = True  # under the format's key root: the stock loader matches nothing else
+    wrapper: str = ""  # for kind "tensor": the end of `path` that names the format's wrapper of the module
 
 
 def entries_of(adapter: Adapter) -> list[Entry]:
@@ -131,6 +133,6 @@ def entries_of(adapter: Adapter) -> list[Entry]:
     unrooted = set(adapter.unrooted_keys)
     out = [Entry(m.path, m.kind, m.in_features, m.out_features, rooted=not unrooted.intersection(m.keys.values()))
            for m in adapter.modules.values()]
-    out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key, rooted=x.key not in unrooted)
-            for x in adapter.extras]
+    out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key, rooted=x.key not in unrooted,
+                  wrapper=x.wrapper) for x in adapter.extras]
     return out

@@ -35,7 +35,7 @@ class Rewrite:
     dst: str = ""
     regexes: tuple[tuple[str, str], ...] = ()
     more: tuple[tuple[str, str], ...] = ()  # further prefix rules, for paths that `src` does not match
-    table: tuple[tuple[str, str], ...] = ()  # exact renames: what PEFT's own load-time conversion does
+    table: tuple[tuple[str, str], ...] = ()  # exact renames: what the runtime's own load-time conversion does
 
     @property
     def is_identity(self) -> bool:
@@ -124,7 +124,7 @@ class Landing:
 
 @dataclass
 class Alignment:
-    """Adapter paths x ModuleTree. `as_is` is what stock PEFT will do; `chosen` the best rewrite found."""
+    """Adapter paths x ModuleTree. `as_is` is what the stock loader will do; `chosen` the best rewrite found."""
 
     as_is: Landing
     chosen: Landing
@@ -134,25 +134,13 @@ class Alignment:
 
     @property
     def needs_rewrite(self) -> bool:
-        """True when landing needs a rewrite beyond what stock PEFT does by itself."""
+        """True when landing needs a rewrite beyond what the stock loader does by itself."""
         return self.chosen is not self.as_is
 
 
-# PEFT saves some tensors inside its wrapper of a module: a targeted embedding's base weight under
-# `<path>.base_layer.weight`, trainable tokens under `<path>.token_adapter.trainable_tokens_delta`.
-WRAPPER_SUFFIXES = (".base_layer", ".token_adapter")
-
-
-def split_wrapper(module: str) -> tuple[str, str]:
-    """(the wrapped module's path, the wrapper suffix or '')."""
-    for suffix in WRAPPER_SUFFIXES:
-        if module.endswith(suffix):
-            return module[: -len(suffix)], suffix
-    return module, ""
-
-
 def _tree_key(entry: Entry) -> str:
-    return split_wrapper(entry.path)[0] if entry.kind == "tensor" else entry.path
+    """The path of the module the entry lands on: its own, without the format's wrapper suffix."""
+    return entry.path[: len(entry.path) - len(entry.wrapper)] if entry.wrapper else entry.path
 
 
 def _fits(entry: Entry, tree: ModuleTree, path: str) -> str | None:
@@ -276,7 +264,7 @@ def align(entries: Sequence[Entry], tree: ModuleTree, targeted: Targeting | None
         key_mapping: user regex rewrites (pattern, replacement), tried in order, first match wins.
         load_renames: module paths the stock loader itself renames while loading (a runtime's load-time conversion).
     Returns:
-        the Alignment: as_is (what stock PEFT does), the chosen rewrite, ambiguities and rejected candidates.
+        the Alignment: as_is (what the stock loader does), the chosen rewrite, ambiguities and rejected candidates.
     """
     as_is = apply_rewrite(entries, tree, Rewrite(table=tuple(sorted((load_renames or {}).items()))), targeted,
                           stock=True)
@@ -336,7 +324,7 @@ def _best_rewrite(entries: Sequence[Entry], tree: ModuleTree, targeted: Targetin
             rejected.append((m.rewrite, m.score, why))
     if not winners:
         return Alignment(as_is=as_is, chosen=as_is, rejected=rejected, total=len(entries))
-    # What stock PEFT does wins a tie: never rewrite what already lands.
+    # What the stock loader does wins a tie: never rewrite what already lands.
     winners.sort(key=lambda m: (m is not as_is, len(m.rewrite.src) + len(m.rewrite.dst)))
     chosen, others = winners[0], winners[1:]
     ambiguous = [] if chosen is as_is else others

@@ -239,6 +239,19 @@ def read_adapter(spec: str | Path, subfolder: str | None = None) -> Adapter:
     return adapter
 
 
+# PEFT saves some tensors inside its wrapper of a module: a targeted embedding's base weight under
+# `<path>.base_layer.weight`, trainable tokens under `<path>.token_adapter.trainable_tokens_delta`.
+WRAPPER_SUFFIXES = (".base_layer", ".token_adapter")
+
+
+def split_wrapper(module: str) -> tuple[str, str]:
+    """(the wrapped module's path, the wrapper suffix or '')."""
+    for suffix in WRAPPER_SUFFIXES:
+        if module.endswith(suffix):
+            return module[: -len(suffix)], suffix
+    return module, ""
+
+
 def _extra_kind(config: dict[str, Any], module: str) -> ExtraKind:
     """Why a tensor that is not a LoRA factor is saved: a modules_to_save copy, a targeted embedding's own weight
     (under PEFT's `.base_layer`), trainable tokens, or something else."""
@@ -258,7 +271,8 @@ def _group_modules(adapter: Adapter) -> None:
             adapter.unrooted_keys.append(key)
         module, role, param = split_key(key)
         if role is None:
-            adapter.extras.append(ExtraTensor(key, module, param, info, _extra_kind(adapter.config, module)))
+            adapter.extras.append(ExtraTensor(key, module, param, info, _extra_kind(adapter.config, module),
+                                              wrapper=split_wrapper(module)[1]))
             continue
         _check_ndim(key, role, info, adapter.weights_path)
         roles.setdefault(module, {})[role] = key

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ...adapter import Adapter
-from ...align import Landing, Rewrite, split_wrapper
+from ...align import Landing, Rewrite
 from ...errors import LorafitError
 from ...fileio.inputs import confined, open_regular
 from ...fileio.outputs import write_json
 from ...tree import ModuleTree
 from ...version import __version__
 from . import targeting
-from .reader import BIN_NAME, CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, split_key
+from .reader import BIN_NAME, CONFIG_NAME, PEFT_PREFIX, SAFETENSORS_NAME, split_key, split_wrapper
 
 
 def _sha256(path: Path) -> str:
