@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .adapter import Adapter
-from .align import Alignment, Landing
+from .align import Alignment, Landing, ShapeConflict
 from .findings import Finding
 from .tree import ModuleTree
 
@@ -97,46 +97,81 @@ def _is_embedding_path(tree: ModuleTree, path: str) -> bool:
     return path in (tree.input_embeddings, tree.output_embeddings) or (info is not None and info.kind == "Embedding")
 
 
+def _dropped_tensors(tree: ModuleTree, m: Landing, mts_keys: set[str], fix_hint: str | None) -> list[Finding]:
+    """dropped-tensors: adapter modules and saved tensors (other than modules_to_save) with no module in the tree."""
+    dropped = m.unmatched + [k for k in m.unmatched_tensors if k not in mts_keys]
+    if not dropped:
+        return []
+    tensors = len(dropped) - len(m.unmatched)
+    what = " and ".join(x for x in (plural(len(m.unmatched), "adapter module") if m.unmatched else "",
+                                    plural(tensors, "saved tensor") if tensors else "") if x)
+    return [Finding("dropped-tensors", f"{what} {verb(len(dropped), 'has', 'have')} no module of that "
+                    f"path in {tree.class_name}; "
+                    "PEFT drops them without a word", dropped,
+                    hint=fix_hint)]
+
+
+def _missing_adapter_weights(adapter: Adapter, tree: ModuleTree, m: Landing, fix_hint: str | None) -> list[Finding]:
+    """missing-adapter-weights: targeted modules of the tree that get no tensor, and so keep their init values."""
+    if not m.missing:
+        return []
+    init = ("lora_A and lora_B keep the random values of init_lora_weights=false" if not adapter.init_b_zero
+            else "lora_B stays 0 and the adapter does nothing there")
+    return [Finding("missing-adapter-weights", f"{plural(len(m.missing), 'targeted module')} of "
+                    f"{tree.class_name} would get no tensor: {init}", m.missing, hint=fix_hint)]
+
+
+def _modules_to_save_absent(tree: ModuleTree, m: Landing, mts_keys: set[str]) -> list[Finding]:
+    """modules-to-save-absent: trained modules_to_save tensors (a head, usually) with no place in the tree."""
+    absent = [k for k in m.unmatched_tensors if k in mts_keys]
+    if not absent:
+        return []
+    return [Finding("modules-to-save-absent", f"the trained {plural(len(absent), 'modules_to_save tensor')}"
+                    f" have no place in {tree.class_name}; PEFT drops the trained head silently", absent,
+                    hint="load with the head class it was trained with (e.g. --class "
+                    "AutoModelForSequenceClassification)")]
+
+
+def _embedding_size(tree: ModuleTree, emb: list[ShapeConflict]) -> list[Finding]:
+    """embedding-size: shape conflicts on embeddings, which mean the tokenizer was resized for training."""
+    if not emb:
+        return []
+    return [Finding("embedding-size", f"{plural(len(emb), 'embedding tensor')} disagree with the target's "
+                    f"vocabulary (vocab_size={tree.vocab_size}): the tokenizer was resized for training",
+                    [f"{c.adapter_path}: adapter {c.expected}, target {c.actual}" for c in emb],
+                    hint="model.resize_token_embeddings(len(tokenizer)) before loading, with the "
+                    "training tokenizer")]
+
+
+def _shape_mismatch(shapes: list[ShapeConflict]) -> list[Finding]:
+    """shape-mismatch: shape conflicts on other modules, which mean another base model."""
+    if not shapes:
+        return []
+    return [Finding("shape-mismatch", f"{plural(len(shapes), 'module')} "
+                    f"{verb(len(shapes), 'disagrees', 'disagree')} in shape with the target",
+                    [f"{c.adapter_path} -> {c.target_path}: adapter {c.expected}, target {c.actual}"
+                     for c in shapes], hint="check that --base is the model the adapter was trained on")]
+
+
+def _module_collisions(m: Landing) -> list[Finding]:
+    """shape-mismatch (collisions): tree modules that several adapter modules would land on."""
+    if not m.collisions:
+        return []
+    return [Finding("shape-mismatch", f"{plural(len(m.collisions), 'target module')} would receive "
+                    "several adapter modules", [f"{t} <- {', '.join(p)}" for t, p in m.collisions.items()])]
+
+
 def rule_coverage(adapter: Adapter, tree: ModuleTree, m: Landing, fix_hint: str | None) -> list[Finding]:
     """Both directions: tensors PEFT would drop, and targeted modules that would keep their init values."""
-    out = []
     mts_keys = {x.key for x in adapter.extras if x.kind == "modules_to_save"}
-    dropped = m.unmatched + [k for k in m.unmatched_tensors if k not in mts_keys]
-    if dropped:
-        tensors = len(dropped) - len(m.unmatched)
-        what = " and ".join(x for x in (plural(len(m.unmatched), "adapter module") if m.unmatched else "",
-                                        plural(tensors, "saved tensor") if tensors else "") if x)
-        out.append(Finding("dropped-tensors", f"{what} {verb(len(dropped), 'has', 'have')} no module of that "
-                           f"path in {tree.class_name}; "
-                           "PEFT drops them without a word", dropped,
-                           hint=fix_hint))
-    if m.missing:
-        init = ("lora_A and lora_B keep the random values of init_lora_weights=false" if not adapter.init_b_zero
-                else "lora_B stays 0 and the adapter does nothing there")
-        out.append(Finding("missing-adapter-weights", f"{plural(len(m.missing), 'targeted module')} of "
-                           f"{tree.class_name} would get no tensor: {init}", m.missing, hint=fix_hint))
-    absent = [k for k in m.unmatched_tensors if k in mts_keys]
-    if absent:
-        out.append(Finding("modules-to-save-absent", f"the trained {plural(len(absent), 'modules_to_save tensor')}"
-                           f" have no place in {tree.class_name}; PEFT drops the trained head silently", absent,
-                           hint="load with the head class it was trained with (e.g. --class "
-                           "AutoModelForSequenceClassification)"))
+    out = _dropped_tensors(tree, m, mts_keys, fix_hint)
+    out += _missing_adapter_weights(adapter, tree, m, fix_hint)
+    out += _modules_to_save_absent(tree, m, mts_keys)
     emb = [c for c in m.conflicts if _is_embedding_path(tree, c.target_path)]
     shapes = [c for c in m.conflicts if c not in emb]
-    if emb:
-        out.append(Finding("embedding-size", f"{plural(len(emb), 'embedding tensor')} disagree with the target's "
-                           f"vocabulary (vocab_size={tree.vocab_size}): the tokenizer was resized for training",
-                           [f"{c.adapter_path}: adapter {c.expected}, target {c.actual}" for c in emb],
-                           hint="model.resize_token_embeddings(len(tokenizer)) before loading, with the "
-                           "training tokenizer"))
-    if shapes:
-        out.append(Finding("shape-mismatch", f"{plural(len(shapes), 'module')} "
-                           f"{verb(len(shapes), 'disagrees', 'disagree')} in shape with the target",
-                           [f"{c.adapter_path} -> {c.target_path}: adapter {c.expected}, target {c.actual}"
-                            for c in shapes], hint="check that --base is the model the adapter was trained on"))
-    if m.collisions:
-        out.append(Finding("shape-mismatch", f"{plural(len(m.collisions), 'target module')} would receive "
-                           "several adapter modules", [f"{t} <- {', '.join(p)}" for t, p in m.collisions.items()]))
+    out += _embedding_size(tree, emb)
+    out += _shape_mismatch(shapes)
+    out += _module_collisions(m)
     return out
 
 

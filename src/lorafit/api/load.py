@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
+from ..align import Landing
 from ..errors import AdapterMismatchError
 from ..findings import Finding
 from ..formats import ensure_adapter, format_of
@@ -76,6 +78,84 @@ def _probe(peft_model: Any, adapter_name: str, paths: list[str]) -> list[str]:
     return dead
 
 
+@dataclass
+class _Comparison:
+    """How the checkpoint's tensors compare with what the model holds, key by key (the evidence verify judges)."""
+
+    not_loaded: list[str] = field(default_factory=list)  # checkpoint keys whose remapped key the model lacks
+    unequal: list[str] = field(default_factory=list)  # loaded keys whose value differs from the checkpoint's
+    equal: int = 0  # tensors loaded bit-equal
+    left_at_init: list[str] = field(default_factory=list)  # modules holding LoRA tensors the checkpoint has not
+
+
+def _adapter_name(peft_model: Any, adapter_name: str | None) -> str:
+    """The adapter to verify: the one named, else the model's active one (the first, if several are active)."""
+    active = getattr(peft_model, "active_adapter", "default")
+    return adapter_name or (active[0] if isinstance(active, list) else str(active))
+
+
+def _meta_findings(peft_model: Any) -> list[Finding]:
+    """meta-tensors: parameters never loaded for real, so the forward pass computes garbage."""
+    meta = [n for n, p in peft_model.named_parameters() if p.device.type == "meta"]
+    if not meta:
+        return []
+    return [Finding("meta-tensors", f"{len(meta)} parameters are still on the meta device: the "
+                    "forward pass returns garbage (low_cpu_mem_usage=True with keys that did not match)",
+                    meta, hint="lorafit.load_adapter(model, adapter) loads them for real")]
+
+
+def _compare(a: Adapter, keymap: dict[str, str], loaded: dict[str, Any]) -> _Comparison:
+    """Compare every checkpoint tensor with the loaded one under its remapped key; find LoRA tensors none maps to."""
+    c = _Comparison()
+    for old, new in keymap.items():
+        if new not in loaded:
+            c.not_loaded.append(old)
+        elif not _same_bits(loaded[new], a.tensor(old)):
+            c.unequal.append(new)
+        else:
+            c.equal += 1
+    expected = set(keymap.values())
+    c.left_at_init = sorted({split_key(k)[0] for k in loaded if k not in expected and split_key(k)[1] is not None})
+    return c
+
+
+def _not_loaded_findings(c: _Comparison) -> list[Finding]:
+    """dropped-tensors: adapter tensors the loaded model does not hold at all."""
+    if not c.not_loaded:
+        return []
+    return [Finding("dropped-tensors", f"{len(c.not_loaded)} adapter tensors are not in the loaded model",
+                    c.not_loaded)]
+
+
+def _left_at_init_findings(c: _Comparison) -> list[Finding]:
+    """missing-adapter-weights: adapted modules whose LoRA tensors the checkpoint did not fill."""
+    if not c.left_at_init:
+        return []
+    return [Finding("missing-adapter-weights", f"{len(c.left_at_init)} adapted modules hold tensors the "
+                    "checkpoint does not have: they kept their init values", c.left_at_init)]
+
+
+def _not_bit_equal_findings(c: _Comparison, loaded: dict[str, Any]) -> list[Finding]:
+    """not-bit-equal: loaded tensors that differ from the checkpoint; all-zero ones mean PEFT left them at init."""
+    if not c.unequal:
+        return []
+    zeros = sum(1 for k in c.unequal if loaded[k].device.type != "meta" and not loaded[k].any())
+    why = (f"; {zeros} of them are all zero: PEFT left them at init because the checkpoint's paths did not "
+           "match this model" if zeros else "")
+    hint = "lorafit.load_adapter(model, adapter), or lorafit fix" if zeros else None
+    return [Finding("not-bit-equal", f"{len(c.unequal)} loaded tensors differ from the checkpoint{why}",
+                    c.unequal, hint=hint)]
+
+
+def _probe_findings(peft_model: Any, adapter_name: str, mapping: Landing) -> list[Finding]:
+    """no-output-change: adapted modules whose output a non-zero lora_B does not change (see _probe)."""
+    dead = _probe(peft_model, adapter_name, sorted(mapping.pairs.values()))
+    if not dead:
+        return []
+    return [Finding("no-output-change", f"{len(dead)} adapted modules give the base output although "
+                    "their lora_B is non-zero (adapter disabled or merged away?)", dead)]
+
+
 def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | None = None,
            probe: bool = False) -> Report:
     """Prove that `adapter` is loaded in `peft_model`, however it was loaded.
@@ -91,50 +171,22 @@ def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | N
     from peft.utils import get_peft_model_state_dict
 
     a = ensure_adapter(adapter)
-    active = getattr(peft_model, "active_adapter", "default")
-    name: str = adapter_name or (active[0] if isinstance(active, list) else str(active))
+    name = _adapter_name(peft_model, adapter_name)
     checked = _check_live(a, peft_model, read_tensors=False)
     tree = checked.tree
     mapping = checked.alignment.chosen if not checked.alignment.ambiguous else checked.alignment.as_is
     keymap = remap_keys(a, mapping)
     has_emb_copy = any(x.kind == "embedding_base" for x in a.extras)
     loaded = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=has_emb_copy)
-    findings: list[Finding] = []
-    meta = [n for n, p in peft_model.named_parameters() if p.device.type == "meta"]
-    if meta:
-        findings.append(Finding("meta-tensors", f"{len(meta)} parameters are still on the meta device: the "
-                                "forward pass returns garbage (low_cpu_mem_usage=True with keys that did not match)",
-                                meta, hint="lorafit.load_adapter(model, adapter) loads them for real"))
-    not_loaded, unequal, equal = [], [], 0
-    for old, new in keymap.items():
-        if new not in loaded:
-            not_loaded.append(old)
-        elif not _same_bits(loaded[new], a.tensor(old)):
-            unequal.append(new)
-        else:
-            equal += 1
-    left_at_init = sorted({split_key(k)[0] for k in loaded if k not in set(keymap.values())
-                           and split_key(k)[1] is not None})
-    if not_loaded:
-        findings.append(Finding("dropped-tensors", f"{len(not_loaded)} adapter tensors are not in the loaded model",
-                                not_loaded))
-    if left_at_init:
-        findings.append(Finding("missing-adapter-weights", f"{len(left_at_init)} adapted modules hold tensors the "
-                                "checkpoint does not have: they kept their init values", left_at_init))
-    if unequal:
-        zeros = sum(1 for k in unequal if loaded[k].device.type != "meta" and not loaded[k].any())
-        why = (f"; {zeros} of them are all zero: PEFT left them at init because the checkpoint's paths did not "
-               "match this model" if zeros else "")
-        hint = "lorafit.load_adapter(model, adapter), or lorafit fix" if zeros else None
-        findings.append(Finding("not-bit-equal", f"{len(unequal)} loaded tensors differ from the checkpoint{why}",
-                                unequal, hint=hint))
+    findings = _meta_findings(peft_model)
+    compared = _compare(a, keymap, loaded)
+    findings += _not_loaded_findings(compared)
+    findings += _left_at_init_findings(compared)
+    findings += _not_bit_equal_findings(compared, loaded)
     if probe:
-        dead = _probe(peft_model, name, sorted(mapping.pairs.values()))
-        if dead:
-            findings.append(Finding("no-output-change", f"{len(dead)} adapted modules give the base output although "
-                                    "their lora_B is non-zero (adapter disabled or merged away?)", dead))
+        findings += _probe_findings(peft_model, name, mapping)
     return Report("verify", adapter={"path": str(a.path), "adapter_name": name}, target=tree.summary(),
-                  findings=findings, result={"tensors_bit_equal": equal, "tensors_expected": len(keymap),
+                  findings=findings, result={"tensors_bit_equal": compared.equal, "tensors_expected": len(keymap),
                                              "probed": probe})
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from ..adapter import Adapter, LoraKind
 from ..align import Landing
@@ -75,7 +75,11 @@ class MergePlan:
         return sorted({d.module for p in self.changes.values() for d in p.deltas})
 
 
+Slot = tuple[str, str]  # (module path in the tree, parameter name): one tensor as the tree names it
+
+
 def _kind(adapter_kind: LoraKind, tree_kind: str) -> DeltaKind:
+    """How a LoRA module of `adapter_kind` is added to a tree module of `tree_kind` (Conv1D is stored transposed)."""
     if adapter_kind == "embedding":
         return "embedding"
     if adapter_kind == "linear":
@@ -83,19 +87,210 @@ def _kind(adapter_kind: LoraKind, tree_kind: str) -> DeltaKind:
     return adapter_kind
 
 
-def _key_resolver(tree: ModuleTree, keys: set[str]) -> Any:
-    prefix = tree.base_model_prefix
+@dataclass(frozen=True)
+class _CheckpointNames:
+    """Finds the checkpoint key of a tree slot the way transformers loads one: as is, prefixed, or stripped."""
 
-    def key_of(path: str, param: str) -> str | None:
+    tree: ModuleTree
+    keys: set[str]  # the base checkpoint's tensor names
+    where: Path | None  # the base checkpoint, named when a slot has no key
+
+    def key_of(self, path: str, param: str) -> str | None:
+        """The key holding `path`.`param`, or None; the first of: as is, with the prefix, without it."""
+        prefix = self.tree.base_model_prefix
         name = f"{path}.{param}" if path else param
         candidates = [name]
         if prefix:
             candidates.append(f"{prefix}.{name}")
             if name.startswith(prefix + "."):
                 candidates.append(name[len(prefix) + 1:])
-        return next((c for c in candidates if c in keys), None)
+        return next((c for c in candidates if c in self.keys), None)
 
-    return key_of
+    def resolve(self, slot: Slot) -> str:
+        """The key holding `slot`, also through a tied alias stored once; a slot with no key is an error.
+
+        Raises:
+            LorafitError: the checkpoint has no tensor for `slot` (saved with another class, most likely).
+        """
+        name = self.key_of(*slot)
+        alias_of = self.tree.tied.get(f"{slot[0]}.{slot[1]}" if slot[0] else slot[1])
+        if name is None and alias_of is not None:
+            # A tied alias the checkpoint stores once (BART's encoder/decoder embed_tokens -> model.shared).
+            path, _, param = alias_of.rpartition(".")
+            name = self.key_of(path, param)
+        if name is None:
+            what = f"{slot[0]}.{slot[1]}"
+            raise LorafitError(f"the base checkpoint has no tensor for {what} (tried {what!r} with and without "
+                               f"the {self.tree.base_model_prefix!r} prefix); pass the --class it was saved with",
+                               self.where)
+        return str(name)
+
+
+@dataclass
+class _SlotChanges:
+    """What the adapter does to each tree slot, before slots are matched to checkpoint keys."""
+
+    deltas: dict[Slot, list[Delta]]  # in the order the mapping lands the modules
+    replaced: dict[Slot, str]  # slot -> adapter key whose value replaces the base tensor
+    copies: set[Slot]  # replaced by a modules_to_save copy (a new module, not an in-place load)
+
+    def touches(self, slot: Slot) -> bool:
+        """Whether the adapter adds to or replaces `slot`."""
+        return slot in self.deltas or slot in self.replaced
+
+    def forget(self, slot: Slot) -> None:
+        """Drop `slot` once a step has planned it, so later steps do not plan it again."""
+        self.deltas.pop(slot, None)
+        self.replaced.pop(slot, None)
+
+
+@dataclass(frozen=True)
+class _TiedEmbeddings:
+    """Tied word embeddings the adapter changes: both sides, the one stored tensor, and what replaces it in place."""
+
+    sides: list[Slot]  # the input embeddings' weight, then the output embeddings'
+    source: str  # the checkpoint key both sides start from (the input side's)
+    shared_replace: str | None  # adapter key loaded into the shared tensor (a saved base layer, not a copy)
+
+
+def _refuse_unsupported(adapter: Adapter) -> None:
+    """Raise for adapter features whose merge is not ΔW = B @ A (or DoRA), rather than merge them wrongly."""
+    bad = [k for k in UNSUPPORTED_CONFIG if adapter.config.get(k)]
+    if bad:
+        raise LorafitError(f"the adapter uses {', '.join(bad)}, which lorafit merge does not support", adapter.path)
+
+
+def _deltas_by_slot(adapter: Adapter, tree: ModuleTree, mapping: Landing) -> dict[Slot, list[Delta]]:
+    """The deltas of every landed LoRA module by tree slot: its weight, and its bias with lora_bias.
+
+    Raises:
+        LorafitError: a LoRA on a convolution, which lorafit merge cannot add.
+    """
+    deltas: dict[Slot, list[Delta]] = {}
+    for src, dst in mapping.pairs.items():
+        m = adapter.modules[src]
+        kind = _kind(m.kind, tree.modules[dst].kind)
+        if kind == "conv":
+            raise LorafitError(f"cannot merge {src}: LoRA on convolution layers is not supported by lorafit merge",
+                               adapter.path)
+        sc = m.scaling
+        deltas.setdefault((dst, "weight"), []).append(Delta(src, dst, kind, m.keys, sc, m.has_dora))
+        if m.has_bias:
+            deltas.setdefault((dst, "bias"), []).append(Delta(src, dst, kind, m.keys, sc, role="bias"))
+    return deltas
+
+
+def _slot_changes(adapter: Adapter, tree: ModuleTree, mapping: Landing) -> _SlotChanges:
+    """The deltas and the replacing saved tensors (modules_to_save, saved base layers) of every landed slot."""
+    deltas = _deltas_by_slot(adapter, tree, mapping)
+    replaced: dict[Slot, str] = {}
+    copies: set[Slot] = set()
+    extras = {x.key: x for x in adapter.extras}
+    for key, dst in mapping.tensor_pairs.items():
+        slot = (dst, extras[key].param)
+        replaced[slot] = key
+        if extras[key].kind == "modules_to_save":
+            copies.add(slot)
+    return _SlotChanges(deltas, replaced, copies)
+
+
+def _tied_embedding_sides(tree: ModuleTree, names: _CheckpointNames) -> list[Slot] | None:
+    """The weights of the input and output embeddings if they are two tied modules the checkpoint stores, else None."""
+    in_path, out_path = tree.input_embeddings, tree.output_embeddings
+    if not (tree.tie_word_embeddings and in_path and out_path and in_path != out_path):
+        return None
+    if names.key_of(in_path, "weight") is None:
+        return None
+    return [(in_path, "weight"), (out_path, "weight")]
+
+
+def _touched_tied_embeddings(tree: ModuleTree, names: _CheckpointNames,
+                             slots: _SlotChanges) -> _TiedEmbeddings | None:
+    """The tied word embeddings if the adapter changes either side, else None.
+
+    They need a step of their own: PEFT changes both sides together, unless a trained copy parts them.
+    """
+    sides = _tied_embedding_sides(tree, names)
+    if sides is None or not any(slots.touches(s) for s in sides):
+        return None
+    in_key = names.resolve(sides[0])
+    shared_replace = next((slots.replaced[s] for s in sides if s in slots.replaced and s not in slots.copies), None)
+    return _TiedEmbeddings(sides, in_key, shared_replace)
+
+
+def _plan_untied_embeddings(plan: MergePlan, tied: _TiedEmbeddings, slots: _SlotChanges,
+                            names: _CheckpointNames) -> list[str]:
+    """Plan each side apart (a trained copy of one side replaces that side only, as in PEFT).
+
+    Returns:
+        the untied names the checkpoint does not hold, which the merged checkpoint adds.
+    """
+    extra_names = []
+    for s in tied.sides:
+        name = names.key_of(*s) or f"{s[0]}.weight"
+        rep = slots.replaced[s] if s in slots.copies else tied.shared_replace
+        plan.changes[name] = TensorPlan(name, tied.source, rep, list(slots.deltas.get(s, [])))
+        if name not in names.keys:
+            extra_names.append(name)
+        plan.untied.append(name)
+    return extra_names
+
+
+def _plan_shared_embeddings(plan: MergePlan, tied: _TiedEmbeddings, slots: _SlotChanges,
+                            names: _CheckpointNames, order_of: Mapping[str, int]) -> None:
+    """Plan one shared tensor under both names: every delta of either side lands on it, in PEFT's module order."""
+    both = sorted(slots.deltas.get(tied.sides[0], []) + slots.deltas.get(tied.sides[1], []),
+                  key=lambda d: order_of[d.target])
+    for s in tied.sides:
+        name = names.key_of(*s)
+        if name is not None:
+            plan.changes[name] = TensorPlan(name, tied.source, tied.shared_replace, both)
+            plan.tied_shared.append(name)
+
+
+def _plan_tied_embeddings(plan: MergePlan, tree: ModuleTree, slots: _SlotChanges, names: _CheckpointNames,
+                          order_of: Mapping[str, int]) -> list[str]:
+    """Plan the tied word embeddings the adapter changes and take both sides out of `slots`.
+
+    Returns:
+        the names the merged checkpoint adds to the base's (an untied side the base stores no tensor for).
+    """
+    tied = _touched_tied_embeddings(tree, names, slots)
+    if tied is None:
+        return []
+    extra_names: list[str] = []
+    if any(s in slots.copies for s in tied.sides):
+        extra_names = _plan_untied_embeddings(plan, tied, slots, names)
+    else:
+        _plan_shared_embeddings(plan, tied, slots, names, order_of)
+    for s in tied.sides:
+        slots.forget(s)
+    return extra_names
+
+
+def _join_planned_tensor(plan: MergePlan, slots: _SlotChanges, slot: Slot, name: str, where: Path) -> None:
+    """Add the deltas of `slot`, another name of the planned tensor `name`, to it (PEFT adds each to the one parameter).
+
+    Raises:
+        LorafitError: one of the names is replaced by a trained copy, which a shared tensor cannot take.
+    """
+    if slots.replaced.get(slot) is not None or plan.changes[name].replace is not None:
+        raise LorafitError(f"cannot merge {slot[0]}: it shares its tensor {name} with another adapted "
+                           "module, and one of them is replaced by a trained copy", where)
+    plan.changes[name].deltas.extend(slots.deltas.get(slot, []))
+    if name not in plan.tied_shared:
+        plan.tied_shared.append(name)
+
+
+def _plan_slots(plan: MergePlan, slots: _SlotChanges, names: _CheckpointNames, order_of: Mapping[str, int],
+                where: Path) -> None:
+    """Plan every slot left in `slots`, in module order, each on the checkpoint tensor that holds it."""
+    for slot in sorted(set(slots.deltas) | set(slots.replaced), key=lambda s: (order_of.get(s[0], -1), s[1])):
+        name = names.resolve(slot)
+        if name in plan.changes:
+            _join_planned_tensor(plan, slots, slot, name, where)
+        else:
+            plan.changes[name] = TensorPlan(name, name, slots.replaced.get(slot), list(slots.deltas.get(slot, [])))
 
 
 def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Landing, keys: Sequence[str],
@@ -107,88 +302,13 @@ def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Landing, keys: Seque
     Raises:
         LorafitError: an adapted module has no weight in the checkpoint, or its kind cannot be merged.
     """
-    cfg = adapter.config
-    bad = [k for k in UNSUPPORTED_CONFIG if cfg.get(k)]
-    if bad:
-        raise LorafitError(f"the adapter uses {', '.join(bad)}, which lorafit merge does not support", adapter.path)
-    key_of = _key_resolver(tree, set(keys))
+    _refuse_unsupported(adapter)
+    names = _CheckpointNames(tree, set(keys), where)
     order_of = {p: i for i, p in enumerate(tree.modules)}
-    deltas: dict[tuple[str, str], list[Delta]] = {}
-    for src, dst in mapping.pairs.items():
-        m = adapter.modules[src]
-        kind = _kind(m.kind, tree.modules[dst].kind)
-        if kind == "conv":
-            raise LorafitError(f"cannot merge {src}: LoRA on convolution layers is not supported by lorafit merge",
-                               adapter.path)
-        sc = m.scaling
-        deltas.setdefault((dst, "weight"), []).append(Delta(src, dst, kind, m.keys, sc, m.has_dora))
-        if m.has_bias:
-            deltas.setdefault((dst, "bias"), []).append(Delta(src, dst, kind, m.keys, sc, role="bias"))
-    replaced: dict[tuple[str, str], str] = {}
-    copies: set[tuple[str, str]] = set()  # replaced by a modules_to_save copy (a new module, not an in-place load)
-    extras = {x.key: x for x in adapter.extras}
-    for key, dst in mapping.tensor_pairs.items():
-        slot = (dst, extras[key].param)
-        replaced[slot] = key
-        if extras[key].kind == "modules_to_save":
-            copies.add(slot)
-
-    def resolve(slot: tuple[str, str]) -> str:
-        name = key_of(*slot)
-        alias_of = tree.tied.get(f"{slot[0]}.{slot[1]}" if slot[0] else slot[1])
-        if name is None and alias_of is not None:
-            # A tied alias the checkpoint stores once (BART's encoder/decoder embed_tokens -> model.shared).
-            path, _, param = alias_of.rpartition(".")
-            name = key_of(path, param)
-        if name is None:
-            what = f"{slot[0]}.{slot[1]}"
-            raise LorafitError(f"the base checkpoint has no tensor for {what} (tried {what!r} with and without "
-                               f"the {tree.base_model_prefix!r} prefix); pass the --class it was saved with",
-                               where)
-        return str(name)
-
-    changes: dict[str, TensorPlan] = {}
-    extra_names: list[str] = []
-    plan = MergePlan(order=[], sources={}, changes=changes)
-    in_path, out_path = tree.input_embeddings, tree.output_embeddings
-    tied = bool(tree.tie_word_embeddings and in_path and out_path and in_path != out_path)
-    if tied and in_path is not None and out_path is not None and key_of(in_path, "weight") is not None:
-        sides = [(in_path, "weight"), (out_path, "weight")]
-        touched = [s for s in sides if s in deltas or s in replaced]
-        if touched:
-            in_key = resolve(sides[0])
-            shared_replace = next((replaced[s] for s in sides if s in replaced and s not in copies), None)
-            if any(s in copies for s in sides):
-                # A trained copy of one side replaces that side only: the two tensors part, as PEFT's do.
-                for s in sides:
-                    name = key_of(*s) or f"{s[0]}.weight"
-                    rep = replaced[s] if s in copies else shared_replace
-                    changes[name] = TensorPlan(name, in_key, rep, list(deltas.get(s, [])))
-                    if name not in keys:
-                        extra_names.append(name)
-                    plan.untied.append(name)
-            else:
-                # One shared tensor: every delta of either side lands on it, in PEFT's module order.
-                both = sorted(deltas.get(sides[0], []) + deltas.get(sides[1], []), key=lambda d: order_of[d.target])
-                for s in sides:
-                    name = key_of(*s)
-                    if name is not None:
-                        changes[name] = TensorPlan(name, in_key, shared_replace, both)
-                        plan.tied_shared.append(name)
-            for s in sides:
-                deltas.pop(s, None)
-                replaced.pop(s, None)
-    for slot in sorted(set(deltas) | set(replaced), key=lambda s: (order_of.get(s[0], -1), s[1])):
-        name = resolve(slot)
-        if name in changes:  # another name of the same tensor: PEFT adds each delta to the one parameter
-            if replaced.get(slot) is not None or changes[name].replace is not None:
-                raise LorafitError(f"cannot merge {slot[0]}: it shares its tensor {name} with another adapted "
-                                   "module, and one of them is replaced by a trained copy", adapter.path)
-            changes[name].deltas.extend(deltas.get(slot, []))
-            if name not in plan.tied_shared:
-                plan.tied_shared.append(name)
-            continue
-        changes[name] = TensorPlan(name, name, replaced.get(slot), list(deltas.get(slot, [])))
+    slots = _slot_changes(adapter, tree, mapping)
+    plan = MergePlan(order=[], sources={}, changes={})
+    extra_names = _plan_tied_embeddings(plan, tree, slots, names, order_of)
+    _plan_slots(plan, slots, names, order_of, adapter.path)
     plan.order = list(keys) + extra_names
-    plan.sources = {k: k for k in keys} | {n: changes[n].source for n in extra_names}
+    plan.sources = {k: k for k in keys} | {n: plan.changes[n].source for n in extra_names}
     return plan

@@ -49,41 +49,75 @@ def _number(value: Any) -> bool:
         return False
 
 
-def validate_config(config: dict[str, Any], path: Path) -> None:
-    """Raise AdapterFormatError for the first field PEFT would choke on (or lorafit could not judge)."""
+def _list_of(value: Any, kind: type) -> bool:
+    """Whether `value` is a JSON list of `kind` only (the list form several fields allow)."""
+    return isinstance(value, list) and all(isinstance(x, kind) for x in value)
+
+
+def _check_rank_and_alpha(config: dict[str, Any], path: Path) -> None:
+    """r and lora_alpha must be finite numbers, and r a positive integer: PEFT scales by alpha / r."""
     for name in ("r", "lora_alpha"):
         if name in config and not _number(config[name]):
             raise AdapterFormatError(f"{name} must be a finite number, got {config[name]!r}", path)
     if "r" in config and (not isinstance(config["r"], int) or config["r"] <= 0):
         raise AdapterFormatError(f"r must be a positive integer, got {config['r']!r}", path)
+
+
+def _check_task_type(config: dict[str, Any], path: Path) -> None:
+    """task_type must be null or a member of this PEFT's TaskType (any string when those cannot be read)."""
     task = config.get("task_type")
     known = task_types()
     if task is not None and (not isinstance(task, str) or (known and task not in known)):
         raise AdapterFormatError(f"task_type {task!r} is not a PEFT task type ({', '.join(sorted(known))} or "
                                  "null); PEFT raises ValueError on it", path)
-    for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
-        pattern = config.get(name)
-        if pattern is None:
-            continue
-        if not isinstance(pattern, dict):
-            raise AdapterFormatError(f"{name} must be an object of module pattern -> number, got {pattern!r}", path)
-        for key, value in pattern.items():
-            _regex(key, f"{name} key", path, targeting.pattern_regex(key))
-            if not _number(value) or (kind is int and not isinstance(value, int)):
-                raise AdapterFormatError(f"{name}[{key!r}] must be a{'n integer' if kind is int else ' number'}, "
-                                         f"got {value!r}", path)
+
+
+def _check_pattern(config: dict[str, Any], name: str, kind: type, path: Path) -> None:
+    """rank_pattern / alpha_pattern: an object of module regexes (as PEFT splices them) to numbers of `kind`."""
+    pattern = config.get(name)
+    if pattern is None:
+        return
+    if not isinstance(pattern, dict):
+        raise AdapterFormatError(f"{name} must be an object of module pattern -> number, got {pattern!r}", path)
+    for key, value in pattern.items():
+        _regex(key, f"{name} key", path, targeting.pattern_regex(key))
+        if not _number(value) or (kind is int and not isinstance(value, int)):
+            raise AdapterFormatError(f"{name}[{key!r}] must be a{'n integer' if kind is int else ' number'}, "
+                                     f"got {value!r}", path)
+
+
+def _check_module_names(config: dict[str, Any], path: Path) -> None:
+    """target_modules, exclude_modules and modules_to_save, each entry of the last as PEFT builds its regex."""
     _names(config, "target_modules", path, regex_if_str=True)
     _names(config, "exclude_modules", path, regex_if_str=True)
     _names(config, "modules_to_save", path, regex_if_str=False)
     for name in config.get("modules_to_save") or []:
         _regex(name, "modules_to_save entry", path, targeting.modules_to_save_regex(name))
+
+
+def _check_layers_to_transform(config: dict[str, Any], path: Path) -> None:
+    """layers_to_transform must be null, an integer (not a boolean) or a list of integers."""
     layers = config.get("layers_to_transform")
-    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
-            isinstance(layers, list) and all(isinstance(x, int) for x in layers)):
+    is_int = isinstance(layers, int) and not isinstance(layers, bool)
+    if layers is not None and not is_int and not _list_of(layers, int):
         raise AdapterFormatError(f"layers_to_transform must be an integer or a list of integers, got {layers!r}", path)
+
+
+def _check_layers_pattern(config: dict[str, Any], path: Path) -> None:
+    """layers_pattern must be null, a string or a list of strings, each valid in the regex PEFT builds of it."""
     pattern = config.get("layers_pattern")
-    if pattern is not None and not isinstance(pattern, str) and not (
-            isinstance(pattern, list) and all(isinstance(x, str) for x in pattern)):
+    if pattern is not None and not isinstance(pattern, str) and not _list_of(pattern, str):
         raise AdapterFormatError(f"layers_pattern must be a string or a list of strings, got {pattern!r}", path)
     for p in [pattern] if isinstance(pattern, str) else pattern or []:
         _regex(p, "layers_pattern", path, targeting.layers_regex(p))
+
+
+def validate_config(config: dict[str, Any], path: Path) -> None:
+    """Raise AdapterFormatError for the first field PEFT would choke on (or lorafit could not judge)."""
+    _check_rank_and_alpha(config, path)
+    _check_task_type(config, path)
+    for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        _check_pattern(config, name, kind, path)
+    _check_module_names(config, path)
+    _check_layers_to_transform(config, path)
+    _check_layers_pattern(config, path)
