@@ -1,11 +1,8 @@
 """merge: stream the base checkpoint tensor by tensor, merge the adapter in with PEFT's arithmetic, write shards.
 
 Check first (refuse on an error finding unless forced), plan from the Alignment (so an adapter saved for
-another class layout still lands on the right weights), then a few worker threads each read one tensor,
-merge it and write it into its place in the output. Untouched tensors are copied inside the kernel.
-Peak memory is the process plus, per worker, one tensor and its fp32 delta, plus the adapter.
-Threads rather than processes: torch and the file calls release the GIL, and threads share the
-imported libraries and the adapter instead of holding a copy each.
+another class layout still lands on the right weights; merging/plan.py), run the plan (merging/run.py)
+into a staged output directory, copy the base's support files, and rename it into place.
 """
 
 from __future__ import annotations
@@ -15,8 +12,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,38 +20,24 @@ from ..adapter import Adapter
 from ..diagnose import rule_coverage
 from ..errors import LorafitError, OutputExistsError
 from ..fileio.checkpoint import (
-    CODES,
-    FLOAT_CODES,
     Checkpoint,
     ShardWriter,
     layout_shards,
     parse_size,
-    tensor_bytes,
-    torch_dtype,
     write_index,
 )
 from ..fileio.inputs import confined, load_json
 from ..fileio.outputs import OutputDir, write_json
 from ..findings import MERGE, Finding, mended_by
-from ..merging.math import (
-    Scratch,
-    adds_rounded_delta,
-    apply_delta,
-    lora_dtype,
-    merge_block,
-    product,
-    row_blocks,
-    torch_threads,
-)
-from ..merging.plan import MergePlan, TensorPlan, build_plan
+from ..merging.plan import MergePlan, build_plan
+from ..merging.run import execute, out_code
 from ..report import Report
 from ..targets.transformers.resolve import CustomCodeRequired, resolve_model_dir
-from ..tensor_info import DTYPE_SIZES
 from ..version import __version__
 from .check import Checked, adapter_only_report, alignment_summary, run_check_for_checkpoint
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
@@ -82,101 +64,6 @@ def merge_findings(checked: Checked) -> list[Finding]:
     findings = [f for f in checked.report.findings if f.code not in mended_by(MERGE)]
     findings += rule_coverage(checked.adapter, checked.tree, checked.alignment.chosen, None)
     return findings
-
-
-def out_code(stored_code: str, out_dtype: str | None) -> str:
-    """The output dtype code of a tensor: --dtype applies to floating tensors only, as in from_pretrained(dtype=)."""
-    return CODES[out_dtype] if out_dtype and stored_code in FLOAT_CODES else stored_code
-
-
-def lora_tensors(plan: MergePlan, adapter: Adapter, ckpt: Checkpoint,
-                 out_dtype: str | None) -> dict[str, torch.Tensor]:
-    """Every adapter tensor the plan reads, read once and cast to the dtype PEFT would hold it in."""
-    cache: dict[str, torch.Tensor] = {}
-    for tp in plan.changes.values():
-        dtype = torch_dtype(out_code(ckpt.tensors[tp.source].dtype, out_dtype))
-        for d in tp.deltas:
-            for key in d.keys.values():
-                if key not in cache:
-                    cache[key] = adapter.tensor(key).to(lora_dtype(dtype))
-    return cache
-
-
-def compute(tp: TensorPlan, ckpt: Checkpoint, adapter: Adapter, lora: dict[str, torch.Tensor],
-            out_dtype: str | None, safe: bool, space: Workspace | None = None) -> torch.Tensor:
-    """The merged value of one planned tensor.
-
-    Raises:
-        LorafitError: the weight is not a float (quantized), or a safe merge produced NaN or Inf.
-    """
-    import torch
-
-    st = ckpt.tensors[tp.source]
-    code = out_code(st.dtype, out_dtype)
-    if code not in FLOAT_CODES:
-        raise LorafitError(f"cannot merge into {tp.name}: it is stored as {st.dtype} (quantized?); merge needs "
-                           "a float checkpoint", st.path)
-    dtype = torch_dtype(code)
-    if tp.replace is not None:
-        w = adapter.tensor(tp.replace).to(dtype, copy=True)  # PEFT copies the saved values into a param of this dtype
-    else:
-        w = ckpt.read(tp.source, into=space.read_buffer(st.nbytes) if space else None).to(dtype)
-    for d in tp.deltas:
-        w = apply_delta(w, d, lora.__getitem__, safe, space.scratch if space else None)
-    if safe and not bool(torch.isfinite(w).all()):
-        raise LorafitError(f"NaN or Inf in the merged {tp.name}; the adapter is broken (safe merge refuses it)",
-                           adapter.path)
-    return w
-
-
-def streamable(tp: TensorPlan, ckpt: Checkpoint, code: str) -> bool:
-    """One plain LoRA delta on a 2-D float weight: merged block by block, never held whole."""
-    d = tp.deltas[0] if len(tp.deltas) == 1 else None
-    st = ckpt.tensors[tp.source]
-    return (d is not None and d.role == "weight" and not d.dora and tp.replace is None and len(st.shape) == 2
-            and st.dtype in FLOAT_CODES and code in FLOAT_CODES and d.kind in ("linear", "conv1d", "embedding"))
-
-
-def stream_merge(tp: TensorPlan, ckpt: Checkpoint, writer: ShardWriter, lora: dict[str, torch.Tensor], code: str,
-                 safe: bool, space: Workspace) -> int:
-    """Merge a streamable tensor: ΔW whole in the worker's buffer, the weight read, merged, written per row block.
-
-    Only ΔW stays resident (the weight passes through a block at a time); the arithmetic is merge_block's,
-    the same as apply_delta's. Returns the bytes written.
-    Raises:
-        LorafitError: a safe merge produced NaN or Inf.
-    """
-    import torch
-
-    st, d = ckpt.tensors[tp.source], tp.deltas[0]
-    in_dt, out_dt = torch_dtype(st.dtype), torch_dtype(code)
-    n_rows, n_cols = st.shape
-    in_row, out_row = n_cols * DTYPE_SIZES[st.dtype], n_cols * DTYPE_SIZES[code]
-    full = product(lora[d.keys["A"]], lora[d.keys["B"]], d.kind, space.scratch)
-    round_first = adds_rounded_delta(d, safe)
-    for rows in row_blocks(n_rows, n_cols):
-        count = rows.stop - rows.start
-        raw = ckpt.read_range(tp.source, rows.start * in_row, count * in_row, space.read_buffer(count * in_row))
-        w = torch.frombuffer(raw, dtype=in_dt).view(count, n_cols).to(out_dt)
-        merge_block(w, full[rows], d.scaling, round_first)
-        if safe and not bool(torch.isfinite(w).all()):
-            raise LorafitError(f"NaN or Inf in the merged {tp.name}; the adapter is broken (safe merge refuses it)")
-        writer.write(tp.name, tensor_bytes(w), rows.start * out_row)
-    return n_rows * out_row
-
-
-class Workspace:
-    """One worker's reusable buffers: the tensor read from the base, and ΔW."""
-
-    def __init__(self) -> None:
-        self._read = bytearray()
-        self.scratch = Scratch()
-
-    def read_buffer(self, nbytes: int) -> bytearray:
-        if len(self._read) < nbytes:
-            self._read = bytearray()  # free the old buffer before allocating the larger one
-            self._read = bytearray(nbytes)
-        return self._read
 
 
 class _Progress:
@@ -209,63 +96,6 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-def _cast_copy(writer: ShardWriter, name: str, ckpt: Checkpoint, src: str, code: str) -> None:
-    """Copy a tensor the adapter does not touch, cast piece by piece (an elementwise cast is exact to split)."""
-    import torch
-
-    st = ckpt.tensors[src]
-    in_dt, out_dt = torch_dtype(st.dtype), torch_dtype(code)
-    pos = 0
-    for raw in ckpt.chunks(src):
-        piece = torch.frombuffer(raw, dtype=in_dt).to(out_dt)
-        data = tensor_bytes(piece)
-        writer.write(name, data, pos)
-        pos += len(data)
-
-
-def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWriter, codes: dict[str, str],
-            out_dtype: str | None, safe: bool, workers: int, on_bytes: Callable[[int], None]) -> None:
-    """Write every tensor of the plan with `workers` threads; the first error stops the rest and is raised."""
-    lora = lora_tensors(plan, adapter, ckpt, out_dtype)
-    local = threading.local()
-
-    def job(name: str) -> None:
-        src = plan.sources[name]
-        st = ckpt.tensors[src]
-        if name in plan.changes:
-            if not hasattr(local, "space"):
-                local.space = Workspace()
-            tp = plan.changes[name]
-            if streamable(tp, ckpt, codes[name]):
-                on_bytes(stream_merge(tp, ckpt, writer, lora, codes[name], safe, local.space))
-                return
-            data = tensor_bytes(compute(tp, ckpt, adapter, lora, out_dtype, safe, local.space))
-            writer.write(name, data)
-            on_bytes(len(data))
-        elif codes[name] == st.dtype:
-            writer.copy(name, ckpt, src)
-            on_bytes(st.nbytes)
-        else:
-            _cast_copy(writer, name, ckpt, src, codes[name])
-            on_bytes(st.nbytes)
-
-
-    with torch_threads(workers):
-        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lorafit-merge") as pool:
-            futures = [pool.submit(job, name) for name in plan.order]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:  # a signal: stop queued work now, not after the whole model is written
-                for g in futures:
-                    g.cancel()
-                raise
-            for f in done:
-                if f.exception() is not None:
-                    for g in futures:
-                        g.cancel()
-                    raise f.exception()  # type: ignore[misc]
 
 
 def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: str | None,
