@@ -101,3 +101,24 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One saved tiny base model per family, shared by the whole session."""
     root = tmp_path_factory.mktemp("bases")
     return {f: save_base(root, f) for f in ("llama", "gpt2", "bert", "opt")}
+
+
+# A check that its module tree can come from a blueprint: it needs neither torch nor transformers.
+BLUEPRINT_CHECK = ("r = lorafit.check(sys.argv[1], sys.argv[2], 'AutoModelForCausalLM')\n"
+                   "print(r.ok, 'torch' in sys.modules, 'transformers' in sys.modules, r.target['tree_from'])\n")
+
+
+@pytest.fixture(scope="session")
+def cold_start(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One fresh Python for both cold-import tests: it imports lorafit.cli, as `lorafit` does when it starts, and
+    says which heavy libraries that loaded ("cli_imports", test_cli); then it runs BLUEPRINT_CHECK on "adapter"
+    ("blueprint_check", test_blueprint). Each is a print of its own, made before anything later could import more."""
+    from helpers import python
+
+    adapter = tmp_path_factory.mktemp("cold-start") / "a"
+    make_adapter(bases["llama"], "AutoModelForCausalLM", adapter)
+    code = ("import sys\nimport lorafit.cli\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n" + BLUEPRINT_CHECK)
+    lines = python(code, adapter, bases["llama"], env={"LORAFIT_NO_CACHE": "1"}, check=True).out.strip().splitlines()
+    assert len(lines) == 2, lines
+    return {"adapter": adapter, "cli_imports": lines[0].strip(), "blueprint_check": lines[1]}

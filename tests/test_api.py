@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import transformers
 
 import lorafit
 from conftest import make_adapter
+from helpers import python
 from lorafit.errors import AdapterMismatchError, LorafitError, UnknownClassError
 
 API = ["inspect", "check", "fix", "load_adapter", "verify", "merge", "verify_merge"]
@@ -56,6 +55,6 @@ def test_one_error_tree() -> None:
 
 def test_errors_are_there_right_after_import() -> None:
     code = "import lorafit; print(lorafit.errors.LorafitError.__name__, lorafit.__version__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[0] == "LorafitError"
+    out = python(code, timeout=60)
+    assert out.code == 0, out.err
+    assert out.out.split()[0] == "LorafitError"

@@ -7,20 +7,15 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from conftest import make_adapter
-from lorafit.cli import app
-
-LORAFIT = Path(sys.executable).with_name("lorafit")
+from helpers import assert_one_line_error, cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +31,6 @@ def _private_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     caches = tmp_path_factory.mktemp("caches")
     monkeypatch.setenv("LORAFIT_CACHE", str(caches / "lorafit"))
     monkeypatch.setenv("HF_HUB_CACHE", str(caches / "hub"))
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file and directory below `root`, with the bytes of the files."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    # A SystemExit is how typer exits; any other exception escaped the CLI's error handling.
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_one_line_error(code: int, out: str, err: str, *must_contain: str) -> None:
-    assert code == 2, (code, out, err)
-    assert out == ""
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("lorafit: error: ")
-    for text in must_contain:
-        assert text in lines[0], (text, lines[0])
 
 
 # ----------------------------------------------------------------------------- broken adapters
@@ -171,7 +143,7 @@ def test_broken_adapter(bases: dict[str, Path], good_adapter: Path, tmp_path: Pa
     breaker(adapter)
     before = snapshot(tmp_path)
     args = ["inspect", adapter] if command == "inspect" else ["check", adapter, "--base", bases["gpt2"]]
-    code, out, err = run(*args)
+    code, out, err = cli(*args)
     named = str(adapter / file) if file else str(adapter)
     assert_one_line_error(code, out, err, named + ":", says)
     assert snapshot(tmp_path) == before  # nothing modified, nothing written
@@ -183,7 +155,7 @@ def test_broken_adapter(bases: dict[str, Path], good_adapter: Path, tmp_path: Pa
 def test_base_model_not_found(good_adapter: Path, tmp_path: Path) -> None:
     before = snapshot(good_adapter.parent)
     for base in (tmp_path / "no-such-model", "org/not-in-cache"):
-        code, out, err = run("check", good_adapter, "--base", base)
+        code, out, err = cli("check", good_adapter, "--base", base)
         assert_one_line_error(code, out, err, f"{base}:", "not found locally", "never downloads",
                               "Pass a local directory")
     assert snapshot(good_adapter.parent) == before
@@ -191,13 +163,13 @@ def test_base_model_not_found(good_adapter: Path, tmp_path: Path) -> None:
 
 def test_base_dir_without_config(good_adapter: Path, tmp_path: Path) -> None:
     (tmp_path / "empty-model").mkdir()
-    code, out, err = run("check", good_adapter, "--base", tmp_path / "empty-model")
+    code, out, err = cli("check", good_adapter, "--base", tmp_path / "empty-model")
     assert_one_line_error(code, out, err, str(tmp_path / "empty-model"), "config.json is missing")
 
 
 def test_unknown_class_name_suggests_the_right_one(bases: dict[str, Path], good_adapter: Path) -> None:
     before = snapshot(good_adapter.parent)
-    code, out, err = run("check", good_adapter, "--base", bases["gpt2"], "--class", "AutoModelForCausalLMM")
+    code, out, err = cli("check", good_adapter, "--base", bases["gpt2"], "--class", "AutoModelForCausalLMM")
     assert_one_line_error(code, out, err, "'AutoModelForCausalLMM'", "did you mean AutoModelForCausalLM")
     assert snapshot(good_adapter.parent) == before
 
@@ -210,7 +182,7 @@ def test_fix_refuses_an_existing_output_without_force(bases: dict[str, Path], go
     out_dir.mkdir()
     (out_dir / "mine.txt").write_text("do not touch")
     before = snapshot(tmp_path)
-    code, out, err = run("fix", adapter, "--base", bases["gpt2"], "--class", "AutoModel", "-o", out_dir)
+    code, out, err = cli("fix", adapter, "--base", bases["gpt2"], "--class", "AutoModel", "-o", out_dir)
     assert_one_line_error(code, out, err, f"{out_dir}:", "already exists", "--force")
     assert snapshot(tmp_path) == before  # OUT untouched, no partial directory beside it, adapter unchanged
 
@@ -229,9 +201,9 @@ def test_real_process_stderr_is_one_line(bases: dict[str, Path], good_adapter: P
     else:
         args = ["check", str(adapter), "--base", str(bases["gpt2"]), "--class", "GPT2LMHeadModell"]
     before = snapshot(tmp_path)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "HF_HUB_OFFLINE"))}
-    proc = subprocess.run([str(LORAFIT), *args], capture_output=True, text=True, env=env, timeout=300)
-    assert_one_line_error(proc.returncode, proc.stdout, proc.stderr,
+    unset = {k: None for k in os.environ if k.startswith(("PYTEST", "HF_HUB_OFFLINE"))}
+    proc = cli(*args, process=True, env=unset, timeout=300)
+    assert_one_line_error(*proc,
                           str(adapter / "adapter_model.bin") if case == "pickle" else "'GPT2LMHeadModell'")
     assert snapshot(tmp_path) == before
     assert not (tmp_path / "PWNED").exists()

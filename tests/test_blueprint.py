@@ -9,9 +9,6 @@ them (only what differs from the defaults) and in full.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,8 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_adapter
+from conftest import BLUEPRINT_CHECK, make_adapter
+from helpers import python
 from lorafit.targets.transformers import blueprint
 from lorafit.targets.transformers.blueprint import tree_from_blueprint
 from lorafit.targets.transformers.module_tree import tree_from_module
@@ -183,17 +181,14 @@ def test_a_config_outside_the_blueprint_is_still_checked_right(bases: dict[str, 
                                                                "AutoModelForCausalLM").modules)
 
 
-def test_check_from_a_blueprint_imports_neither_torch_nor_transformers(bases: dict[str, Path], tmp_path: Path) -> None:
-    make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
-    code = ("import sys, lorafit; r = lorafit.check(sys.argv[1], sys.argv[2], 'AutoModelForCausalLM'); "
-            "print(r.ok, 'torch' in sys.modules, 'transformers' in sys.modules, r.target['tree_from'])")
-    env = {**os.environ, "LORAFIT_NO_CACHE": "1"}
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(bases["llama"])], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "False", "False", "blueprint"]
-    env["LORAFIT_NO_BLUEPRINTS"] = "1"
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(bases["llama"])], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
+def test_check_from_a_blueprint_imports_neither_torch_nor_transformers(bases: dict[str, Path],
+                                                                       cold_start: dict[str, Any]) -> None:
+    """BLUEPRINT_CHECK in a fresh Python (conftest.cold_start, shared with test_cli's cold import); then, with
+    blueprints off, in another: the tree comes from the meta build, which imports both."""
+    assert cold_start["blueprint_check"].split() == ["True", "False", "False", "blueprint"]
+    env = {"LORAFIT_NO_CACHE": "1", "LORAFIT_NO_BLUEPRINTS": "1"}
+    out = python("import sys, lorafit\n" + BLUEPRINT_CHECK, cold_start["adapter"], bases["llama"], env=env,
+                 check=True).out.split()
     assert out == ["True", "True", "True", "meta"]
 
 

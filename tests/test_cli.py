@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import make_adapter
-from helpers import cli, cli_json
+from helpers import cli, cli_json, python
 from lorafit.findings import CATALOG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,16 +40,10 @@ def test_usage_error_exits_2() -> None:
     assert code == 2
 
 
-def _python(code: str, env: dict[str, str] | None = None) -> str:
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **(env or {})})
-    return res.stdout.strip()
-
-
-def test_cli_import_is_light() -> None:
-    loaded = _python("import sys, lorafit.cli; print(sorted(m for m in ('torch', 'transformers', 'peft') "
-                     "if m in sys.modules))")
-    assert loaded == "[]"
+def test_cli_import_is_light(cold_start: dict[str, Any]) -> None:
+    """A fresh Python that imports lorafit.cli has not imported torch, transformers or peft (the same fresh Python
+    then checks through a blueprint for test_blueprint: see conftest.cold_start)."""
+    assert cold_start["cli_imports"] == "[]"
 
 
 def test_warm_check_imports_no_torch(bases: dict[str, Path], tmp_path: Path) -> None:
@@ -63,8 +55,8 @@ def test_warm_check_imports_no_torch(bases: dict[str, Path], tmp_path: Path) -> 
     script = (f"import sys; from lorafit.api.check import check; r = check({str(adapter)!r}, {str(bases['llama'])!r}, "
               "'AutoModel'); print(r.ok, [f.code for f in r.findings if f.severity == 'error'][:1], "
               "r.target['tree_from'], 'torch' in sys.modules)")
-    cold = _python(script, env)
-    warm = _python(script, env)
+    cold = python(script, env=env, check=True).out.strip()
+    warm = python(script, env=env, check=True).out.strip()
     verdict_cold, torch_cold = cold.rsplit(" ", 1)
     verdict_warm, torch_warm = warm.rsplit(" ", 1)
     assert verdict_cold == "False ['layout-mismatch'] meta" and verdict_warm == "False ['layout-mismatch'] cache"
@@ -110,7 +102,8 @@ def test_json_is_pure_stdout(bases: dict[str, Path], tmp_path: Path) -> None:
 
 def test_api_names_survive_submodule_imports() -> None:
     """A submodule named like an API function would replace it on import (lorafit.fix -> module)."""
-    out = _python("import importlib, pkgutil, lorafit; "
-                  "[importlib.import_module(f'lorafit.{m.name}') for m in pkgutil.iter_modules(lorafit.__path__)]; "
-                  "print(all(callable(getattr(lorafit, n)) for n in lorafit.__all__ if n != '__version__'))")
+    out = python("import importlib, pkgutil, lorafit; "
+                 "[importlib.import_module(f'lorafit.{m.name}') for m in pkgutil.iter_modules(lorafit.__path__)]; "
+                 "print(all(callable(getattr(lorafit, n)) for n in lorafit.__all__ if n != '__version__'))",
+                 check=True).out.strip()
     assert out == "True"

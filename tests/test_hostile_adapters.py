@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_adapter
-from helpers import assert_one_line_error, cli, run_lorafit, snapshot
+from helpers import assert_one_line_error, cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +43,15 @@ def edit_config(path: Path, **fields: object) -> None:
 def test_fifo_is_refused_without_blocking(adapter: Path, name: str) -> None:
     (adapter / name).unlink()
     os.mkfifo(adapter / name)
-    done = run_lorafit("inspect", adapter, timeout=60)  # before: blocked forever on open()
-    assert_one_line_error(done.returncode, done.stdout, done.stderr, name, "FIFO")
+    done = cli("inspect", adapter, process=True, timeout=60)  # before: blocked forever on open()
+    assert_one_line_error(*done, name, "FIFO")
 
 
 def test_config_symlinked_to_dev_zero_is_refused(adapter: Path) -> None:
     (adapter / "adapter_config.json").unlink()
     (adapter / "adapter_config.json").symlink_to("/dev/zero")
-    done = run_lorafit("inspect", adapter, timeout=60)  # before: read until 7.5 GB
-    assert_one_line_error(done.returncode, done.stdout, done.stderr, "adapter_config.json", "character device")
+    done = cli("inspect", adapter, process=True, timeout=60)  # before: read until 7.5 GB
+    assert_one_line_error(*done, "adapter_config.json", "character device")
 
 
 @pytest.mark.parametrize("name", ["adapter_config.json", "adapter_model.safetensors"])
@@ -67,9 +67,9 @@ def test_a_directory_in_place_of_a_file(adapter: Path, name: str) -> None:
 def test_catastrophic_regex_does_not_hang(adapter: Path, bases: dict[str, Path], field: str) -> None:
     value: object = {"(.|.)*Z": 4} if field == "rank_pattern" else "(.|.)*Z"
     edit_config(adapter, **{field: value})
-    done = run_lorafit("check", adapter, "--base", bases["llama"], "--json", timeout=90)  # before: hung
-    assert done.returncode in (0, 1), done.stderr
-    assert json.loads(done.stdout)["command"] == "check"
+    done = cli("check", adapter, "--base", bases["llama"], "--json", process=True, timeout=90)  # before: hung
+    assert done.code in (0, 1), done.err
+    assert json.loads(done.out)["command"] == "check"
 
 
 def test_regex_timeout_is_one_line(adapter: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,8 +170,8 @@ def test_bin_tensor_that_its_file_does_not_hold(adapter: Path, make: object, why
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     _as_bin(adapter, {key: make()})  # type: ignore[operator]
     before = snapshot(adapter)
-    done = run_lorafit("inspect", adapter, timeout=120)  # before: a 14.4 GB allocation, or exit 0 on complex
-    assert_one_line_error(done.returncode, done.stdout, done.stderr, "adapter_model.bin", why)
+    done = cli("inspect", adapter, process=True, timeout=120)  # before: a 14.4 GB allocation, or exit 0 on complex
+    assert_one_line_error(*done, "adapter_model.bin", why)
     assert snapshot(adapter) == before
 
 

@@ -7,8 +7,6 @@ import json
 import os
 import pty
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_adapter
-from helpers import LORAFIT, assert_one_line_error, cli, run_lorafit
+from helpers import assert_one_line_error, cli, codes, python
 
 CLS = "AutoModelForCausalLM"
 
@@ -25,7 +23,7 @@ CLS = "AutoModelForCausalLM"
 def pair(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hostile-bases")
     make_adapter(bases["llama"], CLS, root / "adapter", task_type="CAUSAL_LM")
-    assert cli("merge", root / "adapter", "--base", bases["llama"], "-o", root / "merged")[0] == 0
+    assert cli("merge", root / "adapter", "--base", bases["llama"], "-o", root / "merged").code == 0
     return {"base": bases["llama"], "adapter": root / "adapter", "merged": root / "merged"}
 
 
@@ -56,18 +54,17 @@ def test_custom_code_is_never_run(pair: dict[str, Path], tmp_path: Path, model_t
     (base / "configuration_x.py").write_text(CUSTOM)
     primary, replica = pty.openpty()
     os.write(primary, b"y\n" * 8)
-    env = {**os.environ, "LORAFIT_NO_BLUEPRINTS": "1", "LORAFIT_NO_CACHE": "1"}
-    done = subprocess.run([str(LORAFIT), "check", str(pair["adapter"]), "--base", str(base), "--json"],
-                          stdin=replica, capture_output=True, text=True, timeout=120, env=env)
+    done = cli("check", pair["adapter"], "--base", base, "--json", process=True, stdin=replica, timeout=120,
+               env={"LORAFIT_NO_BLUEPRINTS": "1", "LORAFIT_NO_CACHE": "1"})
     os.close(primary)
     os.close(replica)
     assert not (base / "RAN").exists()
-    report = json.loads(done.stdout)
-    codes = {f["code"]: f["severity"] for f in report["findings"]}
+    report = json.loads(done.out)
+    severity = {f["code"]: f["severity"] for f in report["findings"]}
     if model_type == "x-custom":  # only the custom code defines the model: no tree, an error that says why
-        assert done.returncode == 1 and codes["custom-code-required"] == "error"
+        assert done.code == 1 and severity["custom-code-required"] == "error"
     else:  # a built-in type with custom code on top: judged on the built-in class, with a warning
-        assert done.returncode == 0 and codes["custom-code"] == "warning"
+        assert done.code == 0 and severity["custom-code"] == "warning"
         assert report["target"]["class"] == "LlamaForCausalLM"
 
 
@@ -106,8 +103,8 @@ def test_broken_base_config_gets_a_verdict_or_names_config_json(pair: dict[str, 
 
 def test_absurd_layer_count_is_refused_at_once(pair: dict[str, Path], tmp_path: Path) -> None:
     base = base_with(pair["base"], tmp_path / "base", num_hidden_layers=10**6)
-    done = run_lorafit("check", pair["adapter"], "--base", base, timeout=60)  # before: > 60 s and 4.8 GB
-    assert_one_line_error(done.returncode, done.stdout, done.stderr, "config.json", "num_hidden_layers=1000000")
+    done = cli("check", pair["adapter"], "--base", base, process=True, timeout=60)  # before: > 60 s and 4.8 GB
+    assert_one_line_error(*done, "config.json", "num_hidden_layers=1000000")
 
 
 @pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, '{"model_type": "llama", "vocab_size": ' + "1" * 5000 + "}"])
@@ -146,7 +143,7 @@ def test_verify_merge_fails_non_finite_weights(pair: dict[str, Path], tmp_path: 
     code, out, err = cli("verify-merge", merged, "--base", pair["base"], "--adapter", pair["adapter"], "--json")
     assert code == 1, out  # before: "verify-merge: OK", exit 0
     report = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert "merge-non-finite" in {f["code"] for f in report["findings"]}
+    assert "merge-non-finite" in codes(report)
 
 
 def test_verify_merge_one_nan_element(pair: dict[str, Path], tmp_path: Path) -> None:
@@ -192,7 +189,7 @@ def test_verify_merge_checks_the_merged_config(pair: dict[str, Path], tmp_path: 
         cfg_path.write_text(json.dumps({**cfg, "dtype": "float16"}))
     code, out, _ = cli("verify-merge", merged, "--base", pair["base"], "--adapter", pair["adapter"], "--json")
     assert code == 1  # before: a garbage config.json passed
-    assert "merge-config-differs" in {f["code"] for f in json.loads(out)["findings"]}
+    assert "merge-config-differs" in codes(json.loads(out))
 
 
 def test_verify_merge_accepts_bookkeeping_differences(pair: dict[str, Path], tmp_path: Path) -> None:
@@ -201,7 +198,7 @@ def test_verify_merge_accepts_bookkeeping_differences(pair: dict[str, Path], tmp
     cfg = json.loads((merged / "config.json").read_text())
     cfg.update(transformers_version="9.9.9", _name_or_path="/elsewhere", use_cache=False)
     (merged / "config.json").write_text(json.dumps(cfg))
-    assert cli("verify-merge", merged, "--base", pair["base"], "--adapter", pair["adapter"])[0] == 0
+    assert cli("verify-merge", merged, "--base", pair["base"], "--adapter", pair["adapter"]).code == 0
 
 
 def test_library_leaves_the_host_environment_alone(pair: dict[str, Path]) -> None:
@@ -210,7 +207,6 @@ def test_library_leaves_the_host_environment_alone(pair: dict[str, Path]) -> Non
             "report = lorafit.check(sys.argv[1], sys.argv[2])\n"
             "changed = {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}\n"
             "print(sorted(changed), report.ok)\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    done = subprocess.run([sys.executable, "-c", code, str(pair["adapter"]), str(pair["base"])], capture_output=True,
-                          text=True, timeout=120, env={**env, "LORAFIT_NO_CACHE": "1", "LORAFIT_NO_BLUEPRINTS": "1"})
-    assert done.stdout.strip() == "[] True", done.stderr  # before: HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE set
+    env = {"HF_HUB_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "LORAFIT_NO_CACHE": "1", "LORAFIT_NO_BLUEPRINTS": "1"}
+    done = python(code, pair["adapter"], pair["base"], timeout=120, env=env)
+    assert done.out.strip() == "[] True", done.err  # before: HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE set

@@ -12,7 +12,7 @@ from peft import PeftModel
 
 import lorafit
 from conftest import load_model, make_adapter, save_base
-from helpers import hidden
+from helpers import cli_json, codes, hidden
 from lorafit.errors import AdapterMismatchError
 
 IDS = torch.tensor([[3, 1, 4, 1, 5]])
@@ -94,10 +94,8 @@ def test_verify_catches_tampering_and_probe(bases: dict[str, Path], causal: tupl
 
 
 def test_cli_verify_stock_and_lorafit_load(bases: dict[str, Path], causal: tuple[Path, PeftModel]) -> None:
-    from helpers import cli_json
-
     code, report = cli_json("verify", causal[0], "--base", bases["llama"], "--class", "AutoModel")
-    assert code == 1 and {f["code"] for f in report["findings"]} == {"load-failed"}
+    assert code == 1 and codes(report) == {"load-failed"}
     code, report = cli_json("verify", causal[0], "--base", bases["llama"], "--class", "AutoModel",
                             "--lorafit-load", "--probe")
     assert code == 0 and report["ok"]

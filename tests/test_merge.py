@@ -15,11 +15,10 @@ import torch
 import transformers
 from peft import PeftModel
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from conftest import HEAD_CLASS, load_model, make_adapter, save_base
+from helpers import cli, codes
 from lorafit import merge
-from lorafit.cli import app
 
 BF16 = torch.bfloat16
 
@@ -237,28 +236,25 @@ def test_refuses_on_error_finding_and_force_merges(tmp_path: Path, base_of: Call
     """An adapter for another model (shapes disagree): nothing written, exit 1; --force writes, findings kept."""
     other = base_of("llama", None, hidden_size=32)
     make_adapter(other, "AutoModelForCausalLM", tmp_path / "a")
-    runner = CliRunner()
-    args = ["merge", str(tmp_path / "a"), "--base", str(bases["llama"]), "-o", str(tmp_path / "out"), "--json"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    data = json.loads(result.stdout)
+    args = ["merge", tmp_path / "a", "--base", bases["llama"], "-o", tmp_path / "out", "--json"]
+    result = cli(*args)
+    assert result.code == 1, result.output
+    data = json.loads(result.out)
     assert data["command"] == "merge" and not data["ok"] and not data["result"]["written"]
-    assert "shape-mismatch" in {f["code"] for f in data["findings"]}
+    assert "shape-mismatch" in codes(data)
     assert not (tmp_path / "out").exists()
-    forced = runner.invoke(app, [*args, "--force"])
-    assert forced.exit_code == 1 and (tmp_path / "out" / "model.safetensors").exists()
-    assert json.loads(forced.stdout)["result"]["written"]
+    forced = cli(*args, "--force")
+    assert forced.code == 1 and (tmp_path / "out" / "model.safetensors").exists()
+    assert json.loads(forced.out)["result"]["written"]
 
 
 def test_cli_merge_json_summary(tmp_path: Path, bases: dict[str, Path]) -> None:
     make_adapter(bases["bert"], "AutoModelForSequenceClassification", tmp_path / "a")
-    result = CliRunner().invoke(app, ["merge", str(tmp_path / "a"), "--base", str(bases["bert"]), "-o",
-                                      str(tmp_path / "out"), "--safe-merge", "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
+    result = cli("merge", tmp_path / "a", "--base", bases["bert"], "-o", tmp_path / "out", "--safe-merge", "--json")
+    assert result.code == 0, result.output
+    data = json.loads(result.out)
     assert data["schema"] == "lorafit.report/1" and data["ok"]
     assert data["result"]["safe_merge"] and data["result"]["tensors_changed"] == 4
     assert [f["code"] for f in data["findings"]] == ["merged"]
-    existing = CliRunner().invoke(app, ["merge", str(tmp_path / "a"), "--base", str(bases["bert"]), "-o",
-                                        str(tmp_path / "out")])
-    assert existing.exit_code == 2 and "--force" in existing.stderr
+    existing = cli("merge", tmp_path / "a", "--base", bases["bert"], "-o", tmp_path / "out")
+    assert existing.code == 2 and "--force" in existing.err

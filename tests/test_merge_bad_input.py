@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from conftest import load_model, make_adapter
+from helpers import assert_one_line_error, cli
 from lorafit import merge
-from lorafit.cli import app
 from lorafit.errors import CheckpointFormatError
 
 
@@ -32,18 +31,6 @@ def broken_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_merge(adapter: Path, base: Path, out: Path) -> tuple[int, str]:
-    result = CliRunner().invoke(app, ["merge", str(adapter), "--base", str(base), "-o", str(out)])
-    return result.exit_code, result.stderr
-
-
-def assert_one_line_error(code: int, stderr: str, names: str) -> None:
-    assert code == 2
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lorafit: error:"), stderr
-    assert names in lines[0] and "Traceback" not in stderr
-
-
 def shard_names(base: Path) -> list[str]:
     return sorted(set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values()))
 
@@ -52,8 +39,8 @@ def test_missing_shard(sharded: dict[str, Path], tmp_path: Path) -> None:
     base = broken_copy(sharded["base"], tmp_path / "llama-base")
     victim = shard_names(base)[1]
     (base / victim).unlink()
-    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
-    assert_one_line_error(code, err, victim)
+    code, stdout, err = cli("merge", sharded["adapter"], "--base", base, "-o", tmp_path / "out")
+    assert_one_line_error(code, stdout, err, victim)
     assert "missing" in err and not (tmp_path / "out").exists()
 
 
@@ -63,8 +50,8 @@ def test_index_names_a_file_that_does_not_exist(sharded: dict[str, Path], tmp_pa
     key = next(iter(index["weight_map"]))
     index["weight_map"][key] = "model-00009-of-00009.safetensors"
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
-    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
-    assert_one_line_error(code, err, "model-00009-of-00009.safetensors")
+    code, stdout, err = cli("merge", sharded["adapter"], "--base", base, "-o", tmp_path / "out")
+    assert_one_line_error(code, stdout, err, "model-00009-of-00009.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -72,8 +59,8 @@ def test_truncated_shard(sharded: dict[str, Path], tmp_path: Path) -> None:
     base = broken_copy(sharded["base"], tmp_path / "llama-base")
     victim = base / shard_names(base)[0]
     victim.write_bytes(victim.read_bytes()[:-100])
-    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
-    assert_one_line_error(code, err, victim.name)
+    code, stdout, err = cli("merge", sharded["adapter"], "--base", base, "-o", tmp_path / "out")
+    assert_one_line_error(code, stdout, err, victim.name)
     assert "truncated" in err and not (tmp_path / "out").exists()
     with pytest.raises(CheckpointFormatError, match="truncated"):  # a model shard, not an adapter, is broken
         merge(sharded["adapter"], base, tmp_path / "out")
@@ -84,24 +71,24 @@ def test_base_without_safetensors(sharded: dict[str, Path], tmp_path: Path) -> N
     base.mkdir()
     (base / "config.json").write_bytes((sharded["base"] / "config.json").read_bytes())
     (base / "pytorch_model.bin").write_bytes(b"")
-    code, err = run_merge(sharded["adapter"], base, tmp_path / "out")
-    assert_one_line_error(code, err, str(base))
+    code, stdout, err = cli("merge", sharded["adapter"], "--base", base, "-o", tmp_path / "out")
+    assert_one_line_error(code, stdout, err, str(base))
     assert "safetensors" in err and not (tmp_path / "out").exists()
 
 
 def test_out_parent_is_a_file(sharded: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / "out"
-    code, err = run_merge(sharded["adapter"], sharded["base"], out)
-    assert_one_line_error(code, err, str(out))
+    code, stdout, err = cli("merge", sharded["adapter"], "--base", sharded["base"], "-o", out)
+    assert_one_line_error(code, stdout, err, str(out))
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "file"]
 
 
 def test_out_on_a_filesystem_that_refuses_writes(sharded: dict[str, Path]) -> None:
     """/proc refuses new directories even to root (the read-only-directory case, as root sees it)."""
     out = Path("/proc/lorafit-merge-out")
-    code, err = run_merge(sharded["adapter"], sharded["base"], out)
-    assert_one_line_error(code, err, str(out))
+    code, stdout, err = cli("merge", sharded["adapter"], "--base", sharded["base"], "-o", out)
+    assert_one_line_error(code, stdout, err, str(out))
     assert not out.exists()
 
 
@@ -109,14 +96,12 @@ def test_verify_merge_truncated_merged_shard(sharded: dict[str, Path], tmp_path:
     merged = broken_copy(sharded["base"], tmp_path / "merged")
     victim = merged / shard_names(merged)[-1]
     victim.write_bytes(victim.read_bytes()[:20])
-    result = CliRunner().invoke(app, ["verify-merge", str(merged), "--base", str(sharded["base"]),
-                                      "--adapter", str(sharded["adapter"])])
-    assert_one_line_error(result.exit_code, result.stderr, victim.name)
+    assert_one_line_error(*cli("verify-merge", merged, "--base", sharded["base"], "--adapter", sharded["adapter"]),
+                          victim.name)
 
 
 def test_bad_options(sharded: dict[str, Path], tmp_path: Path) -> None:
     for opt in (["--dtype", "int4"], ["--max-shard-size", "lots"]):
-        result = CliRunner().invoke(app, ["merge", str(sharded["adapter"]), "--base", str(sharded["base"]),
-                                          "-o", str(tmp_path / "out"), *opt])
-        assert_one_line_error(result.exit_code, result.stderr, opt[1])
+        run = cli("merge", sharded["adapter"], "--base", sharded["base"], "-o", tmp_path / "out", *opt)
+        assert_one_line_error(*run, opt[1])
         assert not (tmp_path / "out").exists()

@@ -9,15 +9,13 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from conftest import make_adapter
-from helpers import LORAFIT, assert_one_line_error, cli, snapshot
+from helpers import assert_one_line_error, cli, python, snapshot
 
 CLS = "AutoModelForCausalLM"
 
@@ -34,14 +32,6 @@ def leftovers(parent: Path) -> list[str]:
                                                                                  ".old" in p.name))
 
 
-def run_with_hook(hook: str, *args: object, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """Run the lorafit CLI in a child process after `hook` (Python source) has patched lorafit's internals."""
-    run = "import sys\nfrom lorafit.cli import main\nsys.argv = ['lorafit', *sys.argv[1:]]\nmain()\n"
-    code = textwrap.dedent(hook) + "\n" + run
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
-
-
 # ----------------------------------------------------------------------------- another writer's OUT survives
 
 def test_out_that_appears_during_merge_survives(pair: dict[str, Path], tmp_path: Path) -> None:
@@ -55,8 +45,8 @@ def test_out_that_appears_during_merge_survives(pair: dict[str, Path], tmp_path:
             return real(*a, **k)
         m.copy_support_files = racing
     """
-    done = run_with_hook(hook, "merge", pair["adapter"], "--base", pair["base"], "-o", out)
-    assert_one_line_error(done.returncode, done.stdout, done.stderr, str(out), "appeared while lorafit was writing")
+    done = cli("merge", pair["adapter"], "--base", pair["base"], "-o", out, hook=hook, timeout=180)
+    assert_one_line_error(*done, str(out), "appeared while lorafit was writing")
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]  # before: moved aside and deleted, exit 0
     assert leftovers(tmp_path) == []
 
@@ -64,12 +54,11 @@ def test_out_that_appears_during_merge_survives(pair: dict[str, Path], tmp_path:
 def test_concurrent_fix_runs_to_one_out(pair: dict[str, Path], tmp_path: Path) -> None:
     """Two writers at once: one succeeds, the other gets a clear exit 2; OUT is one whole adapter."""
     out = tmp_path / "fixed"
-    args = [str(LORAFIT), "fix", str(pair["adapter"]), "--base", str(pair["base"]), "--class", "AutoModel",
-            "-o", str(out)]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=180), *p.communicate()) for p in procs]
-    assert sorted(r[0] for r in results) == [0, 2], results  # before: both 0, one silently replaced
-    loser = next(r for r in results if r[0] == 2)
+    args = ["fix", pair["adapter"], "--base", pair["base"], "--class", "AutoModel", "-o", out]
+    with ThreadPoolExecutor(2) as pool:  # both child processes run at once
+        results = list(pool.map(lambda _: cli(*args, process=True, timeout=180), range(2)))
+    assert sorted(r.code for r in results) == [0, 2], results  # before: both 0, one silently replaced
+    loser = next(r for r in results if r.code == 2)
     assert_one_line_error(*loser, str(out))
     code, _, err = cli("check", out, "--base", pair["base"], "--class", "AutoModel")
     assert code == 0, err
@@ -89,9 +78,9 @@ def test_signal_mid_merge_leaves_nothing(pair: dict[str, Path], tmp_path: Path, 
             return real(*a, **k)
         m.write_index = stop
     """
-    done = run_with_hook(hook, "merge", pair["adapter"], "--base", pair["base"], "-o", out)
-    assert done.returncode == 128 + sig, done.stderr
-    assert "Traceback" not in done.stderr and f"stopped by {sig.name}" in done.stderr
+    done = cli("merge", pair["adapter"], "--base", pair["base"], "-o", out, hook=hook, timeout=180)
+    assert done.code == 128 + sig, done.err
+    assert "Traceback" not in done.err and f"stopped by {sig.name}" in done.err
     assert not out.exists() and leftovers(tmp_path) == []  # before: SIGTERM left .merged.partial-* behind
 
 
@@ -103,8 +92,8 @@ def test_killed_run_is_cleaned_up_by_the_next(pair: dict[str, Path], tmp_path: P
             os.kill(os.getpid(), signal.SIGKILL)
         m.write_index = die
     """
-    done = run_with_hook(hook, "merge", pair["adapter"], "--base", pair["base"], "-o", out)
-    assert done.returncode == -signal.SIGKILL
+    done = cli("merge", pair["adapter"], "--base", pair["base"], "-o", out, hook=hook, timeout=180)
+    assert done.code == -signal.SIGKILL
     left = leftovers(tmp_path)
     assert len(left) == 1 and ".partial-lorafit-" in left[0]
     code, stdout, err = cli("merge", pair["adapter"], "--base", pair["base"], "-o", out, "--json")
@@ -124,15 +113,15 @@ def test_live_owner_and_foreign_dirs_are_left_alone(pair: dict[str, Path], tmp_p
     stranger = tmp_path / ".fixed.partial-x7"
     for d in (live, stranger):
         d.mkdir()
-    assert cli("fix", pair["adapter"], "--base", pair["base"], "-o", out)[0] == 0
+    assert cli("fix", pair["adapter"], "--base", pair["base"], "-o", out).code == 0
     assert live.is_dir() and stranger.is_dir()
 
 
 def test_old_out_moved_aside_by_a_killed_run_is_restored(pair: dict[str, Path], tmp_path: Path) -> None:
     from lorafit.fileio.outputs import _owner_tag
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    tag = _owner_tag().rsplit("-", 2)[0] + f"-{int(dead.stdout)}-0"
+    dead = python("import os; print(os.getpid())")
+    tag = _owner_tag().rsplit("-", 2)[0] + f"-{int(dead.out)}-0"
     aside = tmp_path / f".fixed.old-{tag}-abc123"
     (aside / "x").mkdir(parents=True)
     (aside / "x" / "adapter_config.json").write_text("{}")
@@ -180,10 +169,9 @@ def test_disk_full_during_fix_is_one_line(pair: dict[str, Path], tmp_path: Path)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
-    done = subprocess.run([str(LORAFIT), "fix", str(pair["adapter"]), "--base", str(pair["base"]), "-o", str(out)],
-                          capture_output=True, text=True, timeout=180, preexec_fn=limit,
-                          env={**os.environ, "LORAFIT_NO_CACHE": "1"})
-    assert_one_line_error(done.returncode, done.stdout, done.stderr, str(out), "cannot write the output")
+    done = cli("fix", pair["adapter"], "--base", pair["base"], "-o", out, process=True, timeout=180, preexec_fn=limit,
+               env={"LORAFIT_NO_CACHE": "1"})
+    assert_one_line_error(*done, str(out), "cannot write the output")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -201,7 +189,7 @@ def test_symlink_out_of_the_adapter_is_not_copied(pair: dict[str, Path], tmp_pat
     assert_one_line_error(code, stdout, err, "notes.md", "--follow-symlinks")
     assert not out.exists() and leftovers(tmp_path) == []  # before: OUT/notes.md held the secret
     if target == "secret":  # the user may opt in, for a link they trust
-        assert cli("fix", adapter, "--base", pair["base"], "-o", out, "--follow-symlinks")[0] == 0
+        assert cli("fix", adapter, "--base", pair["base"], "-o", out, "--follow-symlinks").code == 0
         assert (out / "notes.md").read_text() == "TOKEN=hf_secret" and not (out / "notes.md").is_symlink()
 
 
@@ -212,7 +200,7 @@ def test_symlink_inside_the_adapter_is_copied_as_a_file(pair: dict[str, Path], t
     (adapter / "docs" / "card.md").write_text("card")
     (adapter / "CARD.md").symlink_to(adapter / "docs" / "card.md")
     out = tmp_path / "fixed"
-    assert cli("fix", adapter, "--base", pair["base"], "-o", out)[0] == 0
+    assert cli("fix", adapter, "--base", pair["base"], "-o", out).code == 0
     assert (out / "CARD.md").read_text() == "card" and not (out / "CARD.md").is_symlink()
 
 
@@ -220,9 +208,8 @@ def test_fifo_in_the_adapter_is_refused_not_read(pair: dict[str, Path], tmp_path
     adapter = tmp_path / "adapter"
     shutil.copytree(pair["adapter"], adapter)
     os.mkfifo(adapter / "notes.md")
-    done = subprocess.run([str(LORAFIT), "fix", str(adapter), "--base", str(pair["base"]), "-o",
-                           str(tmp_path / "fixed")], capture_output=True, text=True, timeout=120)
-    assert_one_line_error(done.returncode, done.stdout, done.stderr, "notes.md", "FIFO")
+    done = cli("fix", adapter, "--base", pair["base"], "-o", tmp_path / "fixed", process=True, timeout=120)
+    assert_one_line_error(*done, "notes.md", "FIFO")
 
 
 def test_symlink_out_of_the_base_is_not_merged(pair: dict[str, Path], tmp_path: Path) -> None:

@@ -17,11 +17,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import lorafit
 from conftest import load_model, make_adapter
-from lorafit.cli import app
+from helpers import cli, cli_json, codes
 from lorafit.errors import AdapterNotFoundError
 from lorafit.formats import read_adapter
 
@@ -29,17 +28,6 @@ PEFT_PREFIX = "base_model.model."
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def run_cli(*args: Any) -> tuple[int, str, str]:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, result.stdout, result.stderr
-
-
-def inspect_json(path: Path) -> tuple[int, dict[str, Any]]:
-    code, out, _ = run_cli("inspect", path, "--json")
-    return code, json.loads(out)
-
 
 def lora_layers(pm: PeftModel) -> dict[str, LoraLayer]:
     """PEFT's LoRA layers by module path in the saved layout (without base_model.model.)."""
@@ -59,10 +47,6 @@ def edit_tensors(path: Path, fn: Any) -> None:
     weights = path / "adapter_model.safetensors"
     sd = load_file(str(weights))
     save_file(fn(sd), str(weights), metadata={"format": "pt"})
-
-
-def codes(report: Any) -> set[str]:
-    return {f.code for f in report.findings}
 
 
 def assert_matches_peft(adapter: lorafit.adapter.Adapter, pm: PeftModel) -> None:
@@ -124,7 +108,7 @@ def test_named_adapter_in_subdirectory(bases: dict[str, Path], tmp_path: Path) -
         adapter = read_adapter(spec, **kw)
         assert adapter.path == sub
         assert set(adapter.modules) == {f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)}
-    code, out, _ = run_cli("inspect", tmp_path / "out", "--json")
+    code, out, _ = cli("inspect", tmp_path / "out", "--json")
     assert code == 0 and json.loads(out)["adapter"]["path"] == str(sub)
 
 
@@ -136,7 +120,7 @@ def test_parent_with_several_adapters_is_an_error(bases: dict[str, Path], tmp_pa
     with pytest.raises(AdapterNotFoundError, match="several adapters.*first, second"):
         read_adapter(tmp_path / "out")
     assert read_adapter(tmp_path / "out", subfolder="second").modules["model.layers.0.self_attn.v_proj"].rank == 2
-    code, out, err = run_cli("inspect", tmp_path / "out")
+    code, out, err = cli("inspect", tmp_path / "out")
     assert code == 2 and out == ""
     assert "first, second" in err and str(tmp_path / "out") in err and len(err.strip().splitlines()) == 1
 
@@ -172,7 +156,7 @@ def test_hub_id_resolves_through_the_local_cache_named_by_env(bases: dict[str, P
     adapter = read_adapter("org/tiny-lora")
     assert adapter.path == snap
     assert set(adapter.modules) == set(read_adapter(tmp_path / "a").modules)
-    code, out, _ = run_cli("inspect", "org/tiny-lora", "--json")
+    code, out, _ = cli("inspect", "org/tiny-lora", "--json")
     assert code == 0 and json.loads(out)["adapter"]["path"] == str(snap)
     with pytest.raises(AdapterNotFoundError, match="no cached hub snapshot"):
         read_adapter("org/not-cached")
@@ -300,7 +284,7 @@ def test_untrained_adapter_has_no_effect(bases: dict[str, Path], tmp_path: Path)
     f = next(f for f in report.findings if f.code == "adapter-no-effect")
     assert f.severity == "error" and f.count == 6 and not report.ok
     assert "lora-b-zero" not in codes(report)
-    code, data = inspect_json(tmp_path / "a")
+    code, data = cli_json("inspect", tmp_path / "a")
     assert code == 1 and data["ok"] is False
 
 
@@ -318,7 +302,7 @@ def test_some_zero_lora_b(bases: dict[str, Path], tmp_path: Path) -> None:
     f = next(f for f in report.findings if f.code == "lora-b-zero")
     assert sorted(f.keys) == sorted(zeroed) and f.severity == "warning"
     assert "adapter-no-effect" not in codes(report)
-    code, data = inspect_json(tmp_path / "a")
+    code, data = cli_json("inspect", tmp_path / "a")
     assert code == 0
     health = {r["path"]: r["health"] for r in data["modules"]}
     assert health[zeroed[0]] != "ok" and health["model.layers.0.self_attn.v_proj"] == "ok"
@@ -345,9 +329,9 @@ def test_non_finite_is_a_finding_not_a_crash(bases: dict[str, Path], tmp_path: P
     report = lorafit.inspect(tmp_path / "a")
     f = next(f for f in report.findings if f.code == "non-finite")
     assert f.keys == [key] and label in f.message and f.severity == "error"
-    code, out, err = run_cli("inspect", tmp_path / "a")
+    code, out, err = cli("inspect", tmp_path / "a")
     assert code == 1 and "non-finite" in out and "Traceback" not in out + err
-    code, data = inspect_json(tmp_path / "a")
+    code, data = cli_json("inspect", tmp_path / "a")
     assert code == 1 and data["ok"] is False
     assert [x["code"] for x in data["findings"]] == ["non-finite"]
 
@@ -361,7 +345,7 @@ def test_non_finite_in_a_bin(bases: dict[str, Path], tmp_path: Path) -> None:
     torch.save(sd, tmp_path / "a" / "adapter_model.bin")
     report = lorafit.inspect(tmp_path / "a")
     assert [f.keys for f in report.findings if f.code == "non-finite"] == [[key]]
-    assert run_cli("inspect", tmp_path / "a")[0] == 1
+    assert cli("inspect", tmp_path / "a").code == 1
 
 
 # ----------------------------------------------------------------------------- config <-> tensors
@@ -452,11 +436,11 @@ def test_keys_without_peft_prefix(llama_adapter: Path) -> None:
 def test_inspect_json_schema(bases: dict[str, Path], tmp_path: Path) -> None:
     make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
     edit_config(tmp_path / "a", r=8, frobnicate_lora=1)
-    code, data = inspect_json(tmp_path / "a")
+    code, data = cli_json("inspect", tmp_path / "a")
     assert code == 1
     assert {"ok", "findings", "adapter", "modules"} <= set(data)
     assert data["ok"] is False
-    assert {f["code"] for f in data["findings"]} == {"rank-mismatch", "unknown-config-field"}
+    assert codes(data) == {"rank-mismatch", "unknown-config-field"}
     for f in data["findings"]:
         assert {"code", "severity", "message", "keys", "hint"} <= set(f)
         assert f["severity"] in ("error", "warning", "info") and isinstance(f["keys"], list) and f["message"]

@@ -11,11 +11,10 @@ import torch
 import transformers
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from conftest import load_model, make_adapter, save_base
+from helpers import cli
 from lorafit import merge, verify_merge
-from lorafit.cli import app
 
 CLS = "AutoModelForCausalLM"
 
@@ -134,15 +133,12 @@ def test_extra_change_and_missing_tensor_are_caught(llama: dict[str, Path], tmp_
 
 
 def test_cli_exit_codes(llama: dict[str, Path], tmp_path: Path) -> None:
-    runner = CliRunner()
-    ok = runner.invoke(app, ["verify-merge", str(llama["merged"]), "--base", str(llama["base"]),
-                             "--adapter", str(llama["adapter"]), "--json"])
-    assert ok.exit_code == 0, ok.output
-    data = json.loads(ok.stdout)
+    ok = cli("verify-merge", llama["merged"], "--base", llama["base"], "--adapter", llama["adapter"], "--json")
+    assert ok.code == 0, ok.output
+    data = json.loads(ok.out)
     assert data["command"] == "verify-merge" and len(data["modules"]) == 6
-    bad = runner.invoke(app, ["verify-merge", str(llama["base"]), "--base", str(llama["base"]),
-                              "--adapter", str(llama["adapter"])])
-    assert bad.exit_code == 1 and "merge-unchanged" in bad.stdout
+    bad = cli("verify-merge", llama["base"], "--base", llama["base"], "--adapter", llama["adapter"])
+    assert bad.code == 1 and "merge-unchanged" in bad.out
 
 
 def test_bart_shared_embedding_both_ways(tmp_path: Path) -> None:

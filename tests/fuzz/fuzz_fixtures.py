@@ -10,10 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from typer.testing import CliRunner
-
 from conftest import load_model, make_adapter, save_base
-from lorafit.cli import app
+from helpers import cli
 
 
 @dataclass(frozen=True)
@@ -29,8 +27,8 @@ class Fixtures:
 
 
 def _merge(adapter: Path, base: Path, out: Path, *extra: str) -> None:
-    result = CliRunner().invoke(app, ["merge", str(adapter), "--base", str(base), "-o", str(out), *extra])
-    assert result.exit_code == 0, (result.exit_code, result.output, result.exception)
+    result = cli("merge", adapter, "--base", base, "-o", out, *extra, catch=True)
+    assert result.code == 0, (result.code, result.output, result.exception)
 
 
 def build(root: Path, llama_base: Path | None = None) -> Fixtures:

@@ -30,9 +30,8 @@ from typing import Any
 
 from fuzz_case import WRITES, Case, Inputs, argv, materialize
 from safetensors import safe_open
-from typer.testing import CliRunner
 
-from lorafit.cli import app
+from helpers import cli, snapshot
 
 DEADLINE = float(os.environ.get("LORAFIT_FUZZ_DEADLINE", "10"))  # seconds; a tiny model needs well under 1
 MAX_RSS_GROWTH_MB = float(os.environ.get("LORAFIT_FUZZ_MAX_RSS_MB", "2048"))
@@ -93,14 +92,14 @@ def _judge(case: Case, where: Inputs, deadline: float) -> Outcome:
     result = None
     try:
         with _deadline(deadline, where.root), _data_cap(DATA_CAP_MB):
-            result = CliRunner().invoke(app, out.args, env={MARKER_ENV: str(marker)})
+            result = cli(*out.args, env={MARKER_ENV: str(marker)}, catch=True)
     except ExampleTimeout as e:
         out.timed_out = True
         out.violations.append(f"did not finish within {deadline:.0f} s{_where(e)}")
     out.seconds = time.monotonic() - start
     out.rss_growth_mb = _maxrss_mb() - rss0
     if result is not None:
-        out.exit_code, out.stdout, out.stderr = result.exit_code, result.stdout, result.stderr
+        out.exit_code, out.stdout, out.stderr = result
         out.violations += _output_rules(case, where, result)
     if out.rss_growth_mb > MAX_RSS_GROWTH_MB:
         out.violations.append(f"peak memory grew by {out.rss_growth_mb:.0f} MB")
@@ -115,9 +114,9 @@ def _judge(case: Case, where: Inputs, deadline: float) -> Outcome:
 
 def _output_rules(case: Case, where: Inputs, result: Any) -> list[str]:
     v = []
-    code, text, err = result.exit_code, result.output, result.stderr
-    exc = result.exception
-    if exc is not None and not isinstance(exc, SystemExit):
+    code, text, err = result.code, result.output, result.err
+    exc = result.exception  # what escaped the CLI (cli() never puts SystemExit here)
+    if exc is not None:
         v.append(f"uncaught {type(exc).__name__}: {_first(str(exc))}{_where(exc)}")
     if code not in (0, 1, 2):
         v.append(f"exit code {code}, not 0, 1 or 2")
@@ -134,9 +133,9 @@ def _output_rules(case: Case, where: Inputs, result: Any) -> list[str]:
             v.append(f"exit 2 error names no file of the case: {lines[0][:300]}")
     if case.as_json and code in (0, 1):
         try:
-            json.loads(result.stdout)
+            json.loads(result.out)
         except ValueError as e:
-            v.append(f"--json printed no JSON document ({e}): {result.stdout[:200]!r}")
+            v.append(f"--json printed no JSON document ({e}): {result.out[:200]!r}")
     if case.expect_exit is not None and code not in case.expect_exit:
         v.append(f"exit {code}, expected {' or '.join(map(str, case.expect_exit))}")
     return v
@@ -179,24 +178,6 @@ def _incomplete(case: Case, out: Path) -> str | None:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def snapshot(root: Path, skip: Path) -> dict[str, tuple[Any, ...]]:
-    """Every entry below `root` but `skip`: files with their bytes, links with their target; FIFOs never read."""
-    snap: dict[str, tuple[Any, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != skip]
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            st = os.lstat(p)
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                snap[str(p.relative_to(root))] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st.st_mode):
-                snap[str(p.relative_to(root))] = ("file", mode, p.read_bytes())
-            else:
-                snap[str(p.relative_to(root))] = ("other", stat.S_IFMT(st.st_mode), mode)
-    return snap
 
 
 def _diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
