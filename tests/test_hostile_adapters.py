@@ -220,3 +220,25 @@ def test_tensor_over_2_gib_is_read_in_chunks(adapter: Path) -> None:
     assert code in (0, 1), err
     rows_out = {m["path"]: m for m in json.loads(out)["modules"]}
     assert rows_out[big]["out"] == [rows, dim] and rows_out[big]["health"] == "ok"
+
+
+def test_a_path_too_long_for_the_os_is_a_plain_error(tmp_path: Path) -> None:
+    """Sniffing the adapter's format must not turn ENAMETOOLONG into the catch-all."""
+    deep = tmp_path.joinpath(*["d" * 200] * 20)  # over PATH_MAX in all, each name fine
+    assert_one_line_error(*cli("inspect", deep), "no such adapter directory")
+    wide = tmp_path / ("x" * 300)  # one name over NAME_MAX
+    assert_one_line_error(*cli("inspect", wide), "cannot be looked up (File name too long)")
+
+
+def test_a_base_name_too_long_for_the_os_is_a_plain_error(adapter: Path, tmp_path: Path) -> None:
+    assert_one_line_error(*cli("check", adapter, "--base", tmp_path / ("x" * 300)),
+                          "cannot be looked up (File name too long)")
+
+
+def test_a_zero_rank_in_rank_pattern_is_refused(adapter: Path, bases: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT refuses r=0 ("`r` should be a positive integer value"); merge once divided by it."""
+    edit_config(adapter, rank_pattern={"q_proj": 0})
+    before = snapshot(adapter)
+    assert_one_line_error(*cli("merge", adapter, "--base", bases["llama"], "-o", tmp_path / "out"),
+                          "adapter_config.json", "rank_pattern['q_proj'] must be a positive rank")
+    assert snapshot(adapter) == before and not (tmp_path / "out").exists()

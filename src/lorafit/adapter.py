@@ -45,6 +45,7 @@ class LoraModule:
     alpha: float = 0.0
     scaling: float = 0.0
     config_rank: int = 0
+    rank_b: int | None = None  # the rank lora_B's shape implies, when the reader sees it (else taken as `rank`)
 
     @property
     def has_dora(self) -> bool:
@@ -82,7 +83,7 @@ class Adapter:
     weights_path: Path
     config: dict[str, Any]
     infos: dict[str, TensorInfo]
-    format: str = "peft"
+    format: str  # the registered name of the format that read it (and writes it back)
     task_type: str | None = None  # the kind of model it was trained as (PEFT's task_type names)
     base_model: str | None = None  # the base it names, if any
     init_b_zero: bool = True  # a module left without tensors keeps B = 0 (PEFT: unless init_lora_weights=false)

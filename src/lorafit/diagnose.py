@@ -58,7 +58,7 @@ def rule_health(adapter: Adapter, health: Health) -> list[Finding]:
 def rule_ranks(adapter: Adapter) -> list[Finding]:
     wrong, inconsistent = [], []
     for m in adapter.modules.values():
-        b_rank = adapter.infos[m.keys["B"]].shape[1]
+        b_rank = m.rank if m.rank_b is None else m.rank_b
         if b_rank != m.rank:
             inconsistent.append(f"{m.path}: lora_A rank {m.rank}, lora_B rank {b_rank}")
         elif m.rank != m.config_rank:

@@ -19,8 +19,8 @@ ALIGNMENT: Final = "alignment"
 RUNTIME: Final = "runtime"
 PROOF: Final = "proof"
 OUTPUT: Final = "output"
-# The operations that mend a finding: after `fix` writes, none of the codes it mends may remain (or it refuses);
-# `merge` lands the adapter through its own rewrite, so it judges those codes again on that landing.
+# The operations that mend a finding. fix answers for the codes it mends (it writes only a clean adapter and
+# lists them as mended); merge lands the adapter through its own rewrite, so they do not apply to it.
 Operation = Literal["fix", "merge"]
 FIX: Final = "fix"
 MERGE: Final = "merge"

@@ -1,4 +1,4 @@
-"""Report: adapter and target summaries, the alignment, the findings; rendered as a rich table or JSON.
+"""Report: adapter and target summaries, the alignment, the findings; as JSON here, as a table in render.py.
 
 The JSON schema (`lorafit.report/1`) is documented in docs/json-schema.md and is stable: fields may be
 added, never renamed or removed within a schema version.

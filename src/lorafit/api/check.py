@@ -17,7 +17,7 @@ from ..findings import Finding
 from ..formats import ensure_adapter, format_of
 from ..formats.health import tensor_health
 from ..report import Report, ranges
-from ..targets import Runtime, Target, get_runtime
+from ..targets import Runtime, Target, TargetRefused, get_runtime
 from ..tree import ModuleTree
 from ..user_regex import RegexTimeout
 
@@ -192,11 +192,9 @@ def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str
     Raises:
         LorafitError: unreadable adapter, unknown class, base not found locally.
     """
-    from ..targets.transformers.resolve import CustomCodeRequired
-
     try:
         return run_check_for(adapter, base, class_name, key_mapping).report
-    except CustomCodeRequired as e:
+    except TargetRefused as e:
         return adapter_only_report("check", adapter, e.finding)
 
 

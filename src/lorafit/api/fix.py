@@ -16,7 +16,8 @@ from ..fileio.outputs import OutputDir
 from ..findings import FIX, Finding, mended_by
 from ..formats import format_of, read_adapter
 from ..report import Report
-from ..targets.transformers.resolve import CustomCodeRequired, resolve_model_dir
+from ..targets import TargetRefused
+from ..targets.transformers.resolve import resolve_model_dir
 from .check import Checked, adapter_only_report, run_check, run_check_for
 
 
@@ -64,7 +65,7 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
     out = Path(out)
     try:
         checked = run_check_for(adapter, base, class_name, key_mapping)
-    except CustomCodeRequired as e:
+    except TargetRefused as e:
         report = adapter_only_report("fix", adapter, e.finding)
         report.result = {"written": False, "out": str(out)}
         return report

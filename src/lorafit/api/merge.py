@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..adapter import Adapter
 from ..diagnose import rule_coverage
@@ -32,12 +32,10 @@ from ..findings import MERGE, Finding, mended_by
 from ..merging.plan import MergePlan, build_plan
 from ..merging.run import execute, out_code
 from ..report import Report
-from ..targets.transformers.resolve import CustomCodeRequired, resolve_model_dir
+from ..targets import TargetRefused
+from ..targets.transformers.resolve import resolve_model_dir
 from ..version import __version__
 from .check import Checked, adapter_only_report, alignment_summary, run_check_for_checkpoint
-
-if TYPE_CHECKING:
-    pass
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
@@ -167,7 +165,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
     with Checkpoint.open(model_dir, follow_symlinks=follow_symlinks) as ckpt:
         try:
             checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping)
-        except CustomCodeRequired as e:
+        except TargetRefused as e:
             report = adapter_only_report("merge", adapter, e.finding)
             report.result = {"written": False, "out": str(out)}
             return report

@@ -24,7 +24,8 @@ from ..findings import Finding
 from ..merging.math import lora_dtype, torch_threads
 from ..merging.plan import Delta, TensorPlan, build_plan
 from ..report import Report
-from ..targets.transformers.resolve import CustomCodeRequired, read_model_config, resolve_model_dir
+from ..targets import TargetRefused
+from ..targets.transformers.resolve import read_model_config, resolve_model_dir
 from .check import adapter_only_report, alignment_summary, run_check_for_checkpoint
 
 if TYPE_CHECKING:
@@ -239,12 +240,11 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
         LorafitError: unreadable inputs (missing or truncated shards, no adapter), or an adapter that changes
             no tensor of the base.
     """
-
     merged_dir, model_dir = Path(merged), resolve_model_dir(base)
     with Checkpoint.open(model_dir) as bck, Checkpoint.open(merged_dir) as mck:
         try:
             checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping)
-        except CustomCodeRequired as e:
+        except TargetRefused as e:
             return adapter_only_report("verify-merge", adapter, e.finding)
         a = checked.adapter
         plan = build_plan(a, checked.tree, checked.alignment.chosen, list(bck.tensors), model_dir)
@@ -325,7 +325,6 @@ def _config_findings(model_dir: Path, merged_dir: Path, merged_dtypes: set[str],
 
     Tied embeddings written apart must say tie_word_embeddings=false (else loading ties them again).
     """
-
     path = merged_dir / "config.json"
     try:
         merged = read_model_config(merged_dir)

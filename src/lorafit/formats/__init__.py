@@ -90,8 +90,16 @@ def read_adapter(spec: str | Path, subfolder: str | None = None, format: str | N
         return get_format(format).read(spec, subfolder)
     formats = list(_registry().values())
     path = Path(spec).expanduser() / (subfolder or "")
-    found = next((f for f in reversed(formats) if f.sniff(path)), formats[0])
+    found = next((f for f in reversed(formats) if _sniffs(f, path)), formats[0])
     return found.read(spec, subfolder)
+
+
+def _sniffs(fmt: Format, path: Path) -> bool:
+    """fmt.sniff, where a path the OS refuses to look at (too long, a NUL byte) is simply not this format."""
+    try:
+        return fmt.sniff(path)
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_adapter(adapter: Any) -> Adapter:

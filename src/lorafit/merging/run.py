@@ -159,7 +159,6 @@ def execute(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, writer: ShardWr
             _cast_copy(writer, name, ckpt, src, codes[name])
             on_bytes(st.nbytes)
 
-
     with torch_threads(workers):
         with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lorafit-merge") as pool:
             futures = [pool.submit(job, name) for name in plan.order]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import LorafitError
@@ -20,6 +21,15 @@ if TYPE_CHECKING:
     from ..align import Alignment
     from ..findings import Finding
     from ..tree import ModuleTree
+
+
+class TargetRefused(LorafitError):
+    """The runtime cannot build this base's tree at all; `finding` says why (the use cases report it as a finding,
+    with what can be said of the adapter alone)."""
+
+    def __init__(self, finding: Finding, path: str | Path) -> None:
+        self.finding = finding
+        super().__init__(finding.message, path)
 
 
 @dataclass

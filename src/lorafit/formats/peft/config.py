@@ -84,6 +84,8 @@ def _check_pattern(config: dict[str, Any], name: str, kind: type, path: Path) ->
         if not _number(value) or (kind is int and not isinstance(value, int)):
             raise AdapterFormatError(f"{name}[{key!r}] must be a{'n integer' if kind is int else ' number'}, "
                                      f"got {value!r}", path)
+        if kind is int and value <= 0:  # PEFT refuses it ("`r` should be a positive integer value")
+            raise AdapterFormatError(f"{name}[{key!r}] must be a positive rank, got {value!r}", path)
 
 
 def _check_module_names(config: dict[str, Any], path: Path) -> None:

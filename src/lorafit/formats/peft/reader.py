@@ -53,6 +53,13 @@ def resolve_adapter_dir(spec: str | Path, subfolder: str | None = None) -> Path:
         AdapterNotFoundError: nothing adapter-like is there, or several adapters are and none was chosen.
     """
     p = Path(spec).expanduser()
+    try:
+        return _resolve_dir(p, spec, subfolder)
+    except OSError as e:  # a name too long for the OS, a component that is not a directory, ...
+        raise AdapterNotFoundError(f"cannot be looked up ({e.strerror or e})", p) from None
+
+
+def _resolve_dir(p: Path, spec: str | Path, subfolder: str | None) -> Path:
     if not p.exists() and looks_like_repo_id(str(spec)):
         p = cached_snapshot(str(spec)) or p  # not cached: reported below as "no such directory"
     if subfolder:
@@ -292,6 +299,6 @@ def _group_modules(adapter: Adapter) -> None:
                                              adapter.weights_path)
         cfg_r, alpha = targeting.resolve_rank_alpha(adapter.config, module)
         adapter.modules[module] = LoraModule(
-            path=module, kind=kind, keys=keys, rank=rank, in_features=in_f, out_features=out_f,
+            path=module, kind=kind, keys=keys, rank=rank, rank_b=b[1], in_features=in_f, out_features=out_f,
             alpha=alpha, scaling=targeting.scaling(adapter.config, cfg_r, alpha), config_rank=cfg_r,
         )

@@ -1,8 +1,8 @@
 """PEFT's rules for which rank and alpha a module gets, and which modules a config targets.
 
 They restate the rules of peft.utils.other.get_pattern_key and
-peft.tuners.tuners_utils.check_target_module_exists as plain functions, so that `align` and
-`diagnose` stay pure and the CLI need not import peft. tests/test_patterns.py checks them
+peft.tuners.tuners_utils.check_target_module_exists as plain functions, so that the PEFT format's
+targeting predicate (what `align` is given) is pure and the CLI need not import peft. tests/test_patterns.py checks them
 against PEFT's own functions on generated keys.
 """
 

@@ -16,6 +16,7 @@ from ...fileio.hub import cached_snapshot
 from ...fileio.inputs import parse_json, read_bytes
 from ...findings import Finding
 from ...tree import ModuleTree
+from .. import TargetRefused
 from .module_tree import TASK_TO_AUTO, tree_from_module
 
 # No real model has more: the largest have ~130 layers. Beyond this a tree would cost minutes and gigabytes.
@@ -23,12 +24,8 @@ MAX_LAYERS = 4096
 _LAYER_COUNT = re.compile(r"(num_|n_)?(hidden_|encoder_|decoder_|text_|vision_)?layers?")
 
 
-class CustomCodeRequired(LorafitError):
+class CustomCodeRequired(TargetRefused):
     """The base's model type exists only as custom code (auto_map); lorafit never runs it. `finding` says so."""
-
-    def __init__(self, finding: Finding, path: Path) -> None:
-        self.finding = finding
-        super().__init__(finding.message, path)
 
 
 @dataclass(frozen=True)
@@ -109,11 +106,15 @@ def resolve_model_dir(model: str | Path) -> Path:
         ModelNotFoundError: neither exists; the message says that nothing is downloaded.
     """
     p = Path(model).expanduser()
-    if p.is_dir():
+    try:
+        is_dir, exists = p.is_dir(), p.exists()
+    except OSError as e:  # a name too long for the OS, ...
+        raise ModelNotFoundError(f"cannot be looked up ({e.strerror or e})", p) from None
+    if is_dir:
         if not (p / "config.json").exists():
             raise ModelNotFoundError("config.json is missing: this is not a transformers model directory", p)
         return p
-    if p.exists():
+    if exists:
         raise ModelNotFoundError("is a file; pass the model directory that holds config.json", p)
     snap = cached_snapshot(str(model))
     if snap is not None and (snap / "config.json").exists():
