@@ -176,8 +176,10 @@ def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | N
     tree = checked.tree
     mapping = checked.alignment.chosen if not checked.alignment.ambiguous else checked.alignment.as_is
     keymap = remap_keys(a, mapping)
-    has_emb_copy = any(x.kind == "embedding_base" for x in a.extras)
-    loaded = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=has_emb_copy)
+    loaded = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
+    if any(x.kind in ("embedding_base", "other") or x.wrapper for x in a.extras):
+        # Whole embedding layers were saved (a resized vocabulary): PEFT's view with them, beside the plain one.
+        loaded = {**get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=True), **loaded}
     findings = _meta_findings(peft_model)
     compared = _compare(a, keymap, loaded)
     findings += _not_loaded_findings(compared)

@@ -188,6 +188,8 @@ def _slot_changes(adapter: Adapter, tree: ModuleTree, mapping: Landing) -> _Slot
     extras = {x.key: x for x in adapter.extras}
     for key, dst in mapping.tensor_pairs.items():
         slot = (dst, extras[key].param)
+        if slot in copies and extras[key].kind != "modules_to_save":
+            continue  # a saved base weight beside a trained copy: merge_and_unload keeps the copy only
         replaced[slot] = key
         if extras[key].kind == "modules_to_save":
             copies.add(slot)

@@ -247,8 +247,10 @@ def read_adapter(spec: str | Path, subfolder: str | None = None) -> Adapter:
 
 
 # PEFT saves some tensors inside its wrapper of a module: a targeted embedding's base weight under
-# `<path>.base_layer.weight`, trainable tokens under `<path>.token_adapter.trainable_tokens_delta`.
-WRAPPER_SUFFIXES = (".base_layer", ".token_adapter")
+# `<path>.base_layer.weight`, trainable tokens under `<path>.token_adapter.trainable_tokens_delta`, and, when it
+# saves whole embedding layers (a resized vocabulary), a modules_to_save embedding's trained copy under
+# `<path>.modules_to_save.weight` and its base weight under `<path>.original_module.weight`.
+WRAPPER_SUFFIXES = (".base_layer", ".token_adapter", ".modules_to_save", ".original_module")
 
 
 def split_wrapper(module: str) -> tuple[str, str]:
@@ -262,10 +264,10 @@ def split_wrapper(module: str) -> tuple[str, str]:
 def _extra_kind(config: dict[str, Any], module: str) -> ExtraKind:
     """Why a tensor that is not a LoRA factor is saved: a modules_to_save copy, a targeted embedding's own weight
     (under PEFT's `.base_layer`), trainable tokens, or something else."""
+    if module.endswith((".base_layer", ".original_module")):  # the base's own weight, saved beside the adapter
+        return "embedding_base"
     if targeting.in_modules_to_save(config, module):
         return "modules_to_save"
-    if module.endswith(".base_layer"):
-        return "embedding_base"
     if module.endswith(".token_adapter"):
         return "trainable_tokens"
     return "other"
