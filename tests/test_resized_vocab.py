@@ -69,6 +69,14 @@ def test_merge_is_bit_identical_to_peft(resized: dict[str, Path], tmp_path: Path
     assert code == 0, err
 
 
-def test_the_unresized_base_is_still_an_error(resized: dict[str, Path]) -> None:
+def test_the_unresized_base_is_one_error_naming_the_size_and_peft_s_exception(resized: dict[str, Path]) -> None:
     code, report = cli_json("check", resized["adapter"], "--base", resized["small"])
-    assert code == 1 and "embedding-size" in codes(report, "error")
+    assert code == 1 and codes(report, "error") == {"embedding-size"}  # before: also modules-to-save-missing
+    (finding,) = [f for f in report["findings"] if f["code"] == "embedding-size"]
+    assert finding["hint"] == f"model.resize_token_embeddings({VOCAB}) before loading"
+    assert "size-mismatch RuntimeError" in finding["message"]
+    with pytest.raises(RuntimeError, match="size mismatch"):  # what stock PEFT really raises
+        PeftModel.from_pretrained(load_model(resized["small"], "AutoModelForCausalLM"), str(resized["adapter"]))
+    resized_model = load_model(resized["small"], "AutoModelForCausalLM")
+    resized_model.resize_token_embeddings(VOCAB)  # the hint, followed: stock PEFT loads
+    PeftModel.from_pretrained(resized_model, str(resized["adapter"]))

@@ -132,15 +132,30 @@ def _modules_to_save_absent(tree: ModuleTree, m: Landing, mts_keys: set[str]) ->
                     "AutoModelForSequenceClassification)")]
 
 
-def _embedding_size(tree: ModuleTree, emb: list[ShapeConflict]) -> list[Finding]:
+def _trained_vocabulary(adapter: Adapter, emb: list[ShapeConflict]) -> int | None:
+    """The vocabulary size the adapter's embedding tensors were trained with, if they all agree on one."""
+    rows = set()
+    extras = {x.key: x for x in adapter.extras}
+    for c in emb:
+        if c.adapter_path in extras:
+            rows.add(extras[c.adapter_path].info.shape[0])  # [vocab, dim] for embed_tokens and lm_head alike
+        elif c.adapter_path in adapter.modules:
+            m = adapter.modules[c.adapter_path]
+            rows.add(m.in_features if m.kind == "embedding" else m.out_features)
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _embedding_size(adapter: Adapter, tree: ModuleTree, emb: list[ShapeConflict]) -> list[Finding]:
     """embedding-size: shape conflicts on embeddings, which mean the tokenizer was resized for training."""
     if not emb:
         return []
+    n = _trained_vocabulary(adapter, emb)
+    resize = f"model.resize_token_embeddings({n})" if n else "model.resize_token_embeddings(len(tokenizer))"
     return [Finding("embedding-size", f"{plural(len(emb), 'embedding tensor')} disagree with the target's "
-                    f"vocabulary (vocab_size={tree.vocab_size}): the tokenizer was resized for training",
-                    [f"{c.adapter_path}: adapter {c.expected}, target {c.actual}" for c in emb],
-                    hint="model.resize_token_embeddings(len(tokenizer)) before loading, with the "
-                    "training tokenizer")]
+                    f"vocabulary (vocab_size={tree.vocab_size}): the tokenizer was resized for training"
+                    + (f" to {n} tokens" if n else "") + "; PeftModel.from_pretrained raises a size-mismatch "
+                    "RuntimeError", [f"{c.adapter_path}: adapter {c.expected}, target {c.actual}" for c in emb],
+                    hint=f"{resize} before loading" + ("" if n else ", with the training tokenizer"))]
 
 
 def _shape_mismatch(shapes: list[ShapeConflict]) -> list[Finding]:
@@ -169,7 +184,7 @@ def rule_coverage(adapter: Adapter, tree: ModuleTree, m: Landing, fix_hint: str 
     out += _modules_to_save_absent(tree, m, mts_keys)
     emb = [c for c in m.conflicts if _is_embedding_path(tree, c.target_path)]
     shapes = [c for c in m.conflicts if c not in emb]
-    out += _embedding_size(tree, emb)
+    out += _embedding_size(adapter, tree, emb)
     out += _shape_mismatch(shapes)
     out += _module_collisions(m)
     return out

@@ -94,7 +94,8 @@ def wrapped_without_tensors(config: Mapping[str, Any], task_type: str | None, tr
     PEFT 0.21 then fails in set_peft_model_state_dict with a KeyError on the wrapper's weight.
     """
     names = wrapped_names(config, task_type)
-    landed = set(m.tensor_pairs.values())
+    # A saved copy of the wrong size is still a copy: PEFT fails on its size (embedding-size), not a KeyError.
+    landed = set(m.tensor_pairs.values()) | {c.target_path for c in m.conflicts}
     wrapped = [p for p in tree.modules if p and is_wrapped(names, p)]
     # Only the outermost wrapped module counts: PEFT does not wrap inside a wrapper.
     outer = [p for p in wrapped if not any(p.startswith(q + ".") for q in wrapped)]
