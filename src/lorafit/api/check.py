@@ -198,11 +198,17 @@ def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str
         return adapter_only_report("check", adapter, e.finding)
 
 
-def adapter_only_report(command: str, adapter: Adapter | str | Path, finding: Finding) -> Report:
-    """What a command can say without a module tree: the adapter's own findings, plus `finding` (why no tree)."""
+def adapter_only_report(command: str, adapter: Adapter | str | Path, finding: Finding,
+                        out: Path | None = None) -> Report:
+    """What a command can say without a module tree: the adapter's own findings, plus `finding` (why no tree).
+
+    With `out`, the report also says that nothing was written there.
+    """
     report = inspect(adapter)
     report.command = command
     report.findings.append(finding)
+    if out is not None:
+        report.result = {"written": False, "out": str(out)}
     return report
 
 

@@ -66,9 +66,7 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
     try:
         checked = run_check_for(adapter, base, class_name, key_mapping)
     except TargetRefused as e:
-        report = adapter_only_report("fix", adapter, e.finding)
-        report.result = {"written": False, "out": str(out)}
-        return report
+        return adapter_only_report("fix", adapter, e.finding, out)
     report = checked.report
     report.command = "fix"
     if checked.alignment.ambiguous:

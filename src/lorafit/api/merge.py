@@ -166,9 +166,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
         try:
             checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping)
         except TargetRefused as e:
-            report = adapter_only_report("merge", adapter, e.finding)
-            report.result = {"written": False, "out": str(out)}
-            return report
+            return adapter_only_report("merge", adapter, e.finding, out)
         for f in (checked.adapter.path / "adapter_config.json", checked.adapter.weights_path):
             confined(f, checked.adapter.path, follow_symlinks)
         report = Report("merge", adapter=checked.report.adapter, target=checked.report.target,
