@@ -8,7 +8,7 @@ and a runtime's (targets/<name>/rules.py) are passed in where they belong in the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .adapter import Adapter
@@ -111,14 +111,51 @@ def _dropped_tensors(tree: ModuleTree, m: Landing, mts_keys: set[str], fix_hint:
                     hint=fix_hint)]
 
 
+def never_trained(missing: list[str], landed: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split modules left without tensors into those the adapter lost, and those in a part of the model it never had.
+
+    A part it never had is a named sub-tree above the numbered blocks (an encoder, a vision tower) in which no
+    module of the adapter lands at all, as when an adapter trained on WhisperForCausalLM is loaded on
+    WhisperForConditionalGeneration. A numbered block without tensors (layer 20 of layers 0-31), a part of a
+    block (the MLP of layer 3) and a module beside landed ones are losses.
+    Returns (lost paths, {sub-tree prefix: its paths}).
+    """
+    seen = {".".join(parts[:i]) for p in landed for parts in [p.split(".")] for i in range(1, len(parts) + 1)}
+    lost: list[str] = []
+    branches: dict[str, list[str]] = {}
+    for path in missing:
+        parts = path.split(".")
+        i = next((i for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in seen), len(parts))
+        if not seen or i == len(parts) or any(s.isdigit() for s in parts[:i]):
+            lost.append(path)
+        else:
+            branches.setdefault(".".join(parts[:i]), []).append(path)
+    return lost, branches
+
+
 def _missing_adapter_weights(adapter: Adapter, tree: ModuleTree, m: Landing, fix_hint: str | None) -> list[Finding]:
-    """missing-adapter-weights: targeted modules of the tree that get no tensor, and so keep their init values."""
+    """missing-adapter-weights: targeted modules of the tree that get no tensor, and so keep their init values;
+    never-trained-modules where they lie in a part of the model the adapter never had and B = 0 keeps them inert."""
     if not m.missing:
         return []
-    init = ("lora_A and lora_B keep the random values of init_lora_weights=false" if not adapter.init_b_zero
-            else "lora_B stays 0 and the adapter does nothing there")
-    return [Finding("missing-adapter-weights", f"{plural(len(m.missing), 'targeted module')} of "
-                    f"{tree.class_name} would get no tensor: {init}", m.missing, hint=fix_hint)]
+    lost, branches = never_trained(m.missing, m.pairs.values()) if adapter.init_b_zero else (m.missing, {})
+    out = never_trained_findings(tree.class_name, branches)
+    if lost:
+        init = ("lora_A and lora_B keep the random values of init_lora_weights=false" if not adapter.init_b_zero
+                else "lora_B stays 0 and the adapter does nothing there")
+        out.insert(0, Finding("missing-adapter-weights", f"{plural(len(lost), 'targeted module')} of "
+                              f"{tree.class_name} would get no tensor: {init}", lost, hint=fix_hint))
+    return out
+
+
+def never_trained_findings(where: str, branches: dict[str, list[str]]) -> list[Finding]:
+    if not branches:
+        return []
+    paths = [p for ps in branches.values() for p in ps]
+    return [Finding("never-trained-modules", f"{plural(len(paths), 'targeted module')} of {where} lie in "
+                    f"{', '.join(sorted(branches))}, where the adapter has no module at all: it was trained on a "
+                    "class without them. PEFT gives them LoRA layers with lora_B = 0, which change nothing, as "
+                    "in training", paths)]
 
 
 def _modules_to_save_absent(tree: ModuleTree, m: Landing, mts_keys: set[str]) -> list[Finding]:

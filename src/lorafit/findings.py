@@ -55,6 +55,8 @@ CATALOG: dict[str, Code] = {
     "ambiguous-layout": Code(ERROR, ALIGNMENT, (FIX,), "more than one rewrite lands the adapter equally well"),
     "targets-nothing": Code(ERROR, ALIGNMENT, (FIX,),
          "target_modules selects no module of the target: PEFT raises on load"),
+    "never-trained-modules": Code(WARNING, ALIGNMENT, (),
+                                  "targeted modules in a part of the model the adapter never had (lora_B stays 0)"),
     "dropped-tensors": Code(ERROR, ALIGNMENT, (FIX, MERGE), "adapter tensors that PEFT would drop (unexpected keys)"),
     "missing-adapter-weights": Code(ERROR, ALIGNMENT, (FIX, MERGE),
          "targeted modules that would keep their init values"),

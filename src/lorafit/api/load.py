@@ -9,6 +9,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..align import Landing
+from ..diagnose import never_trained, never_trained_findings
 from ..errors import AdapterMismatchError
 from ..findings import Finding
 from ..formats import ensure_adapter, format_of
@@ -127,12 +128,16 @@ def _not_loaded_findings(c: _Comparison) -> list[Finding]:
                     c.not_loaded)]
 
 
-def _left_at_init_findings(c: _Comparison) -> list[Finding]:
-    """missing-adapter-weights: adapted modules whose LoRA tensors the checkpoint did not fill."""
+def _left_at_init_findings(a: Adapter, c: _Comparison, keymap: dict[str, str], where: str) -> list[Finding]:
+    """missing-adapter-weights: adapted modules whose LoRA tensors the checkpoint did not fill (never-trained-modules
+    for those in a part of the model the adapter never had, where lora_B = 0 keeps them inert)."""
     if not c.left_at_init:
         return []
-    return [Finding("missing-adapter-weights", f"{len(c.left_at_init)} adapted modules hold tensors the "
-                    "checkpoint does not have: they kept their init values", c.left_at_init)]
+    landed = {split_key(k)[0] for k in keymap.values()}
+    lost, branches = never_trained(c.left_at_init, landed) if a.init_b_zero else (c.left_at_init, {})
+    out = [Finding("missing-adapter-weights", f"{len(lost)} adapted modules hold tensors the "
+                   "checkpoint does not have: they kept their init values", lost)] if lost else []
+    return out + never_trained_findings(where, branches)
 
 
 def _not_bit_equal_findings(c: _Comparison, loaded: dict[str, Any]) -> list[Finding]:
@@ -183,7 +188,7 @@ def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | N
     findings = _meta_findings(peft_model)
     compared = _compare(a, keymap, loaded)
     findings += _not_loaded_findings(compared)
-    findings += _left_at_init_findings(compared)
+    findings += _left_at_init_findings(a, compared, keymap, tree.class_name)
     findings += _not_bit_equal_findings(compared, loaded)
     if probe:
         findings += _probe_findings(peft_model, name, mapping)
