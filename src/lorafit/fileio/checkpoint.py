@@ -216,6 +216,9 @@ def parse_size(size: str | int) -> int:
     value = int(float(m.group(1)) * scale)
     if value <= 0:
         raise LorafitError(f"--max-shard-size {size!r} must be positive")
+    if m.group(2) is None and value < 10**6:  # '5' is 5 bytes a shard: one file per tensor, surely not meant
+        raise LorafitError(f"--max-shard-size {size!r} means {value} bytes a shard; give a unit, such as "
+                           f"{m.group(1)}GB or {m.group(1)}MB")
     return value
 
 
