@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +109,12 @@ def test_api_names_survive_submodule_imports() -> None:
                  "print(all(callable(getattr(lorafit, n)) for n in lorafit.__all__ if n != '__version__'))",
                  check=True).out.strip()
     assert out == "True"
+
+
+def test_short_help_and_python_dash_m() -> None:
+    for args in (["-h"], ["check", "-h"], ["merge", "-h"]):
+        code, out, _ = cli(*args)
+        assert code == 0 and "Usage:" in out and "--help" in out, (args, out)
+    done = subprocess.run([sys.executable, "-m", "lorafit", "check", "-h"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "Usage: python -m lorafit check" in done.stdout, done.stderr

@@ -18,6 +18,7 @@ from .errors import AdapterMismatchError, LorafitError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Make sure a LoRA adapter really lands on the model it is loaded into.\n\n"
          "Exit codes: 0 clean, 1 an error finding, 2 bad input or usage. Nothing is ever downloaded.",
 )
