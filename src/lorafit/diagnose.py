@@ -111,13 +111,15 @@ def _dropped_tensors(tree: ModuleTree, m: Landing, mts_keys: set[str], fix_hint:
                     hint=fix_hint)]
 
 
-def never_trained(missing: list[str], landed: Iterable[str]) -> tuple[list[str], dict[str, list[str]]]:
+def never_trained(missing: list[str], landed: Iterable[str], inert: bool = True
+                  ) -> tuple[list[str], dict[str, list[str]]]:
     """Split modules left without tensors into those the adapter lost, and those in a part of the model it never had.
 
     A part it never had is a named sub-tree above the numbered blocks (an encoder, a vision tower) in which no
     module of the adapter lands at all, as when an adapter trained on WhisperForCausalLM is loaded on
     WhisperForConditionalGeneration. A numbered block without tensors (layer 20 of layers 0-31), a part of a
-    block (the MLP of layer 3) and a module beside landed ones are losses.
+    block (the MLP of layer 3) and a module beside landed ones are losses. Unless `inert` (B starts at zero, so
+    an untrained LoRA layer changes nothing), every module is a loss.
     Returns (lost paths, {sub-tree prefix: its paths}).
     """
     seen = {".".join(parts[:i]) for p in landed for parts in [p.split(".")] for i in range(1, len(parts) + 1)}
@@ -126,7 +128,7 @@ def never_trained(missing: list[str], landed: Iterable[str]) -> tuple[list[str],
     for path in missing:
         parts = path.split(".")
         i = next((i for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in seen), len(parts))
-        if not seen or i == len(parts) or any(s.isdigit() for s in parts[:i]):
+        if not inert or not seen or i == len(parts) or any(s.isdigit() for s in parts[:i]):
             lost.append(path)
         else:
             branches.setdefault(".".join(parts[:i]), []).append(path)
@@ -138,7 +140,7 @@ def _missing_adapter_weights(adapter: Adapter, tree: ModuleTree, m: Landing, fix
     never-trained-modules where they lie in a part of the model the adapter never had and B = 0 keeps them inert."""
     if not m.missing:
         return []
-    lost, branches = never_trained(m.missing, m.pairs.values()) if adapter.init_b_zero else (m.missing, {})
+    lost, branches = never_trained(m.missing, m.pairs.values(), inert=adapter.init_b_zero)
     out = never_trained_findings(tree.class_name, branches)
     if lost:
         init = ("lora_A and lora_B keep the random values of init_lora_weights=false" if not adapter.init_b_zero

@@ -134,7 +134,7 @@ def _left_at_init_findings(a: Adapter, c: _Comparison, keymap: dict[str, str], w
     if not c.left_at_init:
         return []
     landed = {split_key(k)[0] for k in keymap.values()}
-    lost, branches = never_trained(c.left_at_init, landed) if a.init_b_zero else (c.left_at_init, {})
+    lost, branches = never_trained(c.left_at_init, landed, inert=a.init_b_zero)
     out = [Finding("missing-adapter-weights", f"{len(lost)} adapted modules hold tensors the "
                    "checkpoint does not have: they kept their init values", lost)] if lost else []
     return out + never_trained_findings(where, branches)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,7 +165,7 @@ def _check_bin_tensor(key: str, t: torch.Tensor, path: Path) -> None:
                                  "or overlapping view); re-save the adapter with plain tensors", path)
 
 
-def _tensor_loader(weights: Path) -> Any:
+def _tensor_loader(weights: Path) -> Callable[[str], Mapping[str, torch.Tensor]]:
     """key -> tensors: one tensor from a safetensors file, or every tensor of a .bin (it has no random access)."""
     if weights.suffix != ".safetensors":
         return lambda key: _load_bin(weights)

@@ -17,19 +17,18 @@ from ...align import Alignment
 from ...findings import Finding
 from .. import Target, register_runtime
 from .module_tree import TASK_TO_AUTO
-from .resolve import default_class_name
+from .resolve import ModelDir, default_class_name
 
 
-def meta_model_thunk(base: str | Path, class_name: str) -> Callable[[], Any]:
-    """A function that builds (once) the meta-device model of `class_name` for `base`."""
+def meta_model_thunk(md: ModelDir, class_name: str) -> Callable[[], Any]:
+    """A function that builds (once) the meta-device model of `class_name` for the model directory `md`."""
 
     @cache
     def build() -> Any:
-        from .resolve import build_meta_model, load_config, resolve_class, resolve_model_dir
+        from .resolve import build_meta_model, load_config, resolve_class
 
-        model_dir = resolve_model_dir(base)
-        config = load_config(model_dir)
-        return build_meta_model(resolve_class(class_name, config, model_dir), config, model_dir)
+        config = load_config(md.path, md.config)
+        return build_meta_model(resolve_class(class_name, config, md.path), config, md.path)
 
     return build
 
@@ -54,7 +53,7 @@ class TransformersRuntime:
             note = custom_code_finding(md.path, md.config)
             name = how or self.default_how(adapter)
             tree = tree_from_pretrained(md, name, source=str(base))
-            return Target(tree, name, str(base), [note] if note else [], meta_model_thunk(base, name))
+            return Target(tree, name, str(base), [note] if note else [], meta_model_thunk(md, name))
         from .module_tree import tree_from_module
 
         tree = tree_from_module(base)
