@@ -29,9 +29,10 @@ def test_what_fix_and_merge_mend() -> None:
     assert mended_by(FIX) == {
         "unprefixed-keys", "targets-nothing", "layout-mismatch", "ambiguous-layout", "dropped-tensors",
         "missing-adapter-weights", "shape-mismatch", "embedding-size", "pattern-mismatch", "modules-to-save-absent",
-        "task-type-incompatible", "task-type-mismatch"}
+        "task-type-incompatible", "task-type-mismatch", "parameter-dropout"}
     assert mended_by(MERGE) == {
         "layout-mismatch", "dropped-tensors", "missing-adapter-weights", "modules-to-save-absent", "shape-mismatch",
-        "embedding-size", "pattern-mismatch", "task-type-incompatible", "task-type-mismatch", "tied-embeddings"}
+        "embedding-size", "pattern-mismatch", "task-type-incompatible", "task-type-mismatch", "tied-embeddings",
+        "parameter-dropout"}
     # Proofs and outputs are never mended: they are what an operation shows, not what it repairs.
     assert all(not c.mended_by for c in CATALOG.values() if c.scope in ("proof", "output"))

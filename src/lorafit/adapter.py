@@ -20,10 +20,10 @@ if TYPE_CHECKING:
     import torch
 
 # What a LoRA module adapts: Linear and Conv1D alike ("linear": the tensors cannot tell them apart), an
-# Embedding, or a convolution.
-LoraKind = Literal["linear", "embedding", "conv"]
+# Embedding, a convolution, or one parameter of a module ("param": fused MoE experts, PEFT's target_parameters).
+LoraKind = Literal["linear", "embedding", "conv", "param"]
 # What an alignment entry is: a LoRA module, or a saved tensor that replaces a parameter.
-EntryKind = Literal["linear", "embedding", "conv", "tensor"]
+EntryKind = Literal["linear", "embedding", "conv", "param", "tensor"]
 # Why a saved tensor that is not a LoRA factor is there.
 ExtraKind = Literal["modules_to_save", "embedding_base", "trainable_tokens", "other"]
 
@@ -34,6 +34,11 @@ class LoraModule:
 
     kind is "linear" (Linear and Conv1D alike: the adapter cannot tell them apart), "embedding" or "conv".
     in_features/out_features are those of the base layer as the LoRA tensors imply them.
+
+    A "param" module adapts one parameter of the module at `path` minus `wrapper`; several on one module are
+    nested wrappers, `depth` 0 the outermost. Which parameter it is follows from the target module (the
+    `depth`-th targeted one from the last), so r, alpha and scaling are given per candidate in `per_param`,
+    and `rank` is the rows of A: r times the number of experts.
     """
 
     path: str
@@ -46,6 +51,9 @@ class LoraModule:
     scaling: float = 0.0
     config_rank: int = 0
     rank_b: int | None = None  # the rank lora_B's shape implies, when the reader sees it (else taken as `rank`)
+    depth: int = 0  # kind "param": how deep in the nest of parameter wrappers
+    wrapper: str = ""  # kind "param": the end of `path` that names the format's nested wrappers
+    per_param: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # param -> (r, alpha, scaling)
 
     @property
     def has_dora(self) -> bool:
@@ -126,13 +134,17 @@ class Entry:
     shape: tuple[int, ...] | None = None
     key: str | None = None  # for kind "tensor": the checkpoint key
     rooted: bool = True  # under the format's key root: the stock loader matches nothing else
-    wrapper: str = ""  # for kind "tensor": the end of `path` that names the format's wrapper of the module
+    wrapper: str = ""  # the end of `path` that names the format's wrapper of the module
+    rank: int | None = None  # kind "param": the rows of A (r times the experts)
+    depth: int = 0  # kind "param": see LoraModule
+    params: tuple[str, ...] = ()  # kind "param": the parameter names it may adapt
 
 
 def entries_of(adapter: Adapter) -> list[Entry]:
     """What the adapter wants to land, as plain alignment entries: LoRA modules, then saved tensors."""
     unrooted = set(adapter.unrooted_keys)
-    out = [Entry(m.path, m.kind, m.in_features, m.out_features, rooted=not unrooted.intersection(m.keys.values()))
+    out = [Entry(m.path, m.kind, m.in_features, m.out_features, rooted=not unrooted.intersection(m.keys.values()),
+                 wrapper=m.wrapper, rank=m.rank, depth=m.depth, params=tuple(m.per_param))
            for m in adapter.modules.values()]
     out += [Entry(x.module, "tensor", param=x.param, shape=x.info.shape, key=x.key, rooted=x.key not in unrooted,
                   wrapper=x.wrapper) for x in adapter.extras]

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import user_regex
 from .adapter import Entry
-from .tree import ModuleTree
+from .tree import ModuleInfo, ModuleTree
 
 # Would the adapter's format put a LoRA layer on the module at this path? (PEFT: target_modules and its kin.)
 Targeting = Callable[[str], bool]
@@ -112,6 +112,7 @@ class Landing:
     conflicts: list[ShapeConflict] = field(default_factory=list)
     collisions: dict[str, list[str]] = field(default_factory=dict)  # tree path -> adapter paths (not 1:1)
     missing: list[str] = field(default_factory=list)  # targeted tree modules that get no tensor: stay at init
+    params: dict[str, tuple[str, int]] = field(default_factory=dict)  # "param" entry -> (parameter, experts)
 
     @property
     def score(self) -> int:
@@ -143,9 +144,29 @@ def _tree_key(entry: Entry) -> str:
     return entry.path[: len(entry.path) - len(entry.wrapper)] if entry.wrapper else entry.path
 
 
+def adapted_parameter(entry: Entry, info: ModuleInfo) -> tuple[str, int] | str:
+    """(parameter, experts) a "param" entry adapts on the module `info`, or what does not agree.
+
+    The module's targeted parameters are wrapped in the order it registers them, each wrapper around the
+    last; so the outermost (depth 0) adapts the last one.
+    """
+    targeted = [n for n in info.params if n in entry.params and info.param_features(n) is not None]
+    if entry.depth >= len(targeted):
+        have = ", ".join(targeted) or "none of " + ", ".join(entry.params)
+        return f"{info.kind} has {len(targeted)} targeted parameters ({have}), not {entry.depth + 1}"
+    name = targeted[len(targeted) - 1 - entry.depth]
+    experts, fin, fout = info.param_features(name) or (1, 0, 0)
+    if (fin, fout) != (entry.in_features, entry.out_features) or (entry.rank or 0) % experts:
+        return f"{name} of {experts} experts ({fin}->{fout})"
+    return name, experts
+
+
 def _fits(entry: Entry, tree: ModuleTree, path: str) -> str | None:
     """None when `entry` fits the tree module at `path`; otherwise what does not agree."""
     info = tree.modules[path]
+    if entry.kind == "param":
+        found = adapted_parameter(entry, info)
+        return found if isinstance(found, str) else None
     if entry.kind == "tensor" and entry.param == "trainable_tokens_delta":
         # [n tokens, embedding dim]: fits any embedding of that width (token indices are checked by PEFT).
         ok = info.kind == "Embedding" and entry.shape is not None and entry.shape[-1] == info.out_features
@@ -186,13 +207,16 @@ def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
         if e.kind == "tensor":
             m.tensor_pairs[e.key or e.path] = target
         else:
-            owners.setdefault(target, []).append(e.path)
+            owners.setdefault(target if e.kind != "param" else f"{target}{e.wrapper}", []).append(e.path)
             m.pairs[e.path] = target
+            if e.kind == "param":
+                m.params[e.path] = adapted_parameter(e, tree.modules[target])  # type: ignore[assignment]
     for target, paths in owners.items():
         if len(paths) > 1:
             m.collisions[target] = paths
             for p in paths:
                 m.pairs.pop(p, None)
+                m.params.pop(p, None)
     if targeted is not None:
         landed = set(m.pairs.values())
         m.missing = [p for p, info in tree.modules.items() if info.lora_kind and p not in landed and targeted(p)]

@@ -61,6 +61,12 @@ def rule_ranks(adapter: Adapter) -> list[Finding]:
         b_rank = m.rank if m.rank_b is None else m.rank_b
         if b_rank != m.rank:
             inconsistent.append(f"{m.path}: lora_A rank {m.rank}, lora_B rank {b_rank}")
+        elif m.kind == "param":
+            # A holds r rows per expert; the target tells how many experts (landing_rules checks the exact r).
+            ranks = sorted({r for r, _, _ in m.per_param.values()})
+            if not any(r > 0 and m.rank % r == 0 for r in ranks):
+                wrong.append(f"{m.path}: tensors have {m.rank} rows, not a multiple of r="
+                             f"{' or '.join(map(str, ranks))} per expert")
         elif m.rank != m.config_rank:
             wrong.append(f"{m.path}: tensors have r={m.rank}, config gives r={m.config_rank}")
     out = []

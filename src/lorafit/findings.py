@@ -50,6 +50,9 @@ CATALOG: dict[str, Code] = {
     "unknown-config-field": Code(WARNING, ADAPTER, (), "config fields this PEFT version does not know"),
     "unprefixed-keys": Code(ERROR, ADAPTER, (FIX,),
          "tensor keys without the base_model.model. prefix PeftModel.from_pretrained matches"),
+    "parameter-dropout": Code(ERROR, ADAPTER, (FIX, MERGE),
+         "lora_dropout != 0 with target_parameters: PEFT raises ValueError on load"),
+    "parameter-option": Code(ERROR, ADAPTER, (), "DoRA, lora_bias or fan_in_fan_out with target_parameters"),
     # adapter x target (check)
     "layout-mismatch": Code(ERROR, ALIGNMENT, (FIX, MERGE), "the adapter was saved for another module layout"),
     "ambiguous-layout": Code(ERROR, ALIGNMENT, (FIX,), "more than one rewrite lands the adapter equally well"),

@@ -16,12 +16,26 @@ class ModuleInfo:
     """One module of the target: kind, the features LoRA sees, and its direct parameters' shapes.
 
     For GPT-2's Conv1D the weight is stored [in, out], so weight_shape is the transpose of Linear's.
+    `params` keeps the order the module registers them in: PEFT nests its wrappers of targeted parameters
+    in that order.
     """
 
     kind: str  # Linear, Conv1D, Embedding, Conv2d, ..., or the class name of a container
     in_features: int | None = None
     out_features: int | None = None
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Fused MoE experts store each expert [in, out] (transformers' `is_transposed`, GPT-OSS) instead of [out, in].
+    transposed: bool = False
+
+    def param_features(self, name: str) -> tuple[int, int, int] | None:
+        """(experts, in, out) a LoRA on the 2-D or 3-D parameter `name` sees, as PEFT reads them; None if not one."""
+        shape = self.params.get(name)
+        if shape is None or len(shape) not in (2, 3):
+            return None
+        if len(shape) == 2:
+            return 1, shape[1], shape[0]
+        experts, a, b = shape
+        return (experts, a, b) if self.transposed else (experts, b, a)
 
     @property
     def lora_kind(self) -> LoraKind | None:
@@ -33,6 +47,21 @@ class ModuleInfo:
         if self.kind.startswith("Conv"):
             return "conv"
         return None
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A checkpoint tensor that holds part of a parameter as the model loads it.
+
+    transformers v5 fuses per-expert weights on load (`experts.{e}.gate_proj.weight` and `...up_proj.weight`
+    into `experts.gate_up_proj`): each is rows [start, stop) of expert `expert`. A renamed tensor is a whole
+    part (expert None).
+    """
+
+    key: str
+    expert: int | None = None
+    start: int = 0
+    stop: int = 0
 
 
 @dataclass

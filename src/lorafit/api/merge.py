@@ -53,6 +53,16 @@ def parse_dtype(name: str | None) -> str | None:
     return _DTYPES[key]
 
 
+def plan_merge(checked: Checked, ckpt: Checkpoint, where: Path) -> MergePlan:
+    """The merge plan of a checked adapter into `ckpt`, following how the checkpoint stores converted parameters."""
+    stored = {}
+    if checked.tree.converts_keys:
+        from ..targets.transformers.conversion import stored_layout
+
+        stored = stored_layout(checked.tree.model_type, {k: t.shape for k, t in ckpt.tensors.items()})
+    return build_plan(checked.adapter, checked.tree, checked.alignment.chosen, list(ckpt.tensors), where, stored)
+
+
 def merge_findings(checked: Checked) -> list[Finding]:
     """check's findings as they bear on a merge: coverage judged on the mapping merge uses, not on stock PEFT's.
 
@@ -174,7 +184,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
         if not report.ok and not force:
             report.result = {"written": False, "out": str(out)}
             return report
-        plan = build_plan(checked.adapter, checked.tree, checked.alignment.chosen, list(ckpt.tensors), model_dir)
+        plan = plan_merge(checked, ckpt, model_dir)
         codes = {n: out_code(ckpt.tensors[plan.sources[n]].dtype, out_dtype) for n in plan.order}
         entries = [(n, codes[n], ckpt.tensors[plan.sources[n]].shape) for n in plan.order]
         metadata = {"format": "pt", "lorafit.version": __version__, "lorafit.adapter": str(checked.adapter.path),

@@ -21,12 +21,13 @@ from ..adapter import Adapter
 from ..errors import LorafitError
 from ..fileio.checkpoint import _CHUNK, FLOAT_CODES, TORCH_NAMES, Checkpoint, torch_dtype
 from ..findings import Finding
-from ..merging.math import lora_dtype, torch_threads
-from ..merging.plan import Delta, TensorPlan, build_plan
+from ..merging.math import lora_dtype, parameter_product, torch_threads
+from ..merging.plan import Delta, TensorPlan
 from ..report import Report
 from ..targets import TargetRefused
 from ..targets.transformers.resolve import read_model_config, resolve_model_dir
 from .check import adapter_only_report, alignment_summary, run_check_for_checkpoint
+from .merge import plan_merge
 
 if TYPE_CHECKING:
     import torch
@@ -76,8 +77,24 @@ def _factors(d: Delta, adapter: Adapter, hp: torch.dtype) -> _Factors:
     return _Factors(d, a, b, a.abs(), b.abs(), t("magnitude") if d.dora else None)
 
 
-def _apply(w: torch.Tensor, f: _Factors, rows: slice,
-           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _parameter_delta(f: _Factors, rows: slice, window: tuple[int, int, int] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ΔW, s·|B|·|A|) of a LoRA on a parameter at rows `rows`: experts of the parameter, or rows of one
+    expert's part when the checkpoint stores it per expert (`window`)."""
+    assert f.a is not None and f.b is not None and f.abs_a is not None and f.abs_b is not None
+    d = f.d
+    if window is not None:
+        e, start, stop = window
+        pick = slice(e, e + 1)
+        return tuple(d.scaling * parameter_product(a, b, d, pick)[0, start:stop][rows]  # type: ignore[return-value]
+                     for a, b in ((f.a, f.b), (f.abs_a, f.abs_b)))
+    if d.experts == 1:
+        return d.scaling * (f.b[rows] @ f.a), d.scaling * (f.abs_b[rows] @ f.abs_a)
+    return d.scaling * parameter_product(f.a, f.b, d, rows), d.scaling * parameter_product(f.abs_a, f.abs_b, d, rows)
+
+
+def _apply(w: torch.Tensor, f: _Factors, rows: slice, eps: float,
+           window: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (rows `rows` of the tensor, in hp) with one delta applied.
 
     Returns:
@@ -92,6 +109,9 @@ def _apply(w: torch.Tensor, f: _Factors, rows: slice,
         change = d.scaling * f.extra[rows]
         return w + change, eps * change.abs(), change.abs()
     assert f.a is not None and f.b is not None and f.abs_a is not None and f.abs_b is not None
+    if d.kind == "param":  # A holds r rows per expert: the error bound counts r terms
+        delta, size = _parameter_delta(f, rows, window)
+        return w + delta, (f.a.shape[0] // d.experts * eps) * size, size
     if d.kind == "linear":  # weight [out, in]: rows are rows of B
         delta = d.scaling * (f.b[rows] @ f.a)
         size = d.scaling * (f.abs_b[rows] @ f.abs_a)
@@ -154,7 +174,7 @@ def _check_tensor(tp: TensorPlan, base: Checkpoint, merged: Checkpoint, adapter:
         s = start[rows].to(hp)
         w, slack, size = s, torch.zeros_like(s), s.abs()
         for f in factors:
-            w, extra, terms = _apply(w, f, rows, ldt_eps)
+            w, extra, terms = _apply(w, f, rows, ldt_eps, tp.window)
             slack += extra
             size = torch.maximum(size, terms)
         g = got[rows].to(hp)
@@ -247,7 +267,7 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
         except TargetRefused as e:
             return adapter_only_report("verify-merge", adapter, e.finding)
         a = checked.adapter
-        plan = build_plan(a, checked.tree, checked.alignment.chosen, list(bck.tensors), model_dir)
+        plan = plan_merge(checked, bck, model_dir)
         if not plan.changes:
             raise LorafitError("the adapter changes no tensor of this base (run `lorafit check`)", a.path)
         missing = [n for n in plan.order if n not in mck.tensors]

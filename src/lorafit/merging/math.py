@@ -9,6 +9,8 @@ memory layouts as PEFT's LoRA layers do (peft/tuners/lora/layer.py and variants.
 - The default ("unsafe") merge of a Linear/Conv1D adds the fp32 ΔW into the low-precision weight in
   place (one rounding); safe_merge and every Embedding merge cast ΔW to the weight's dtype first.
 - DoRA: W' = m / ||W + ΔW||_c * (W + ΔW), the norm taken along the same axis PEFT takes it.
+- A LoRA on a parameter (ParamWrapper, fused MoE experts): A holds r rows per expert and B r columns per
+  expert, interleaved; ΔW = einsum over the experts * scaling, cast to the weight's dtype, then added.
 
 tests/test_merge.py compares every case against PEFT itself: if a PEFT release changes its arithmetic,
 a test fails rather than a merge silently drifting.
@@ -125,7 +127,7 @@ def _dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, ki
 
 
 def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tensor], safe: bool,
-                scratch: Scratch | None = None) -> torch.Tensor:
+                scratch: Scratch | None = None, window: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Merge one module's change into `weight` (modified in place where PEFT does so); returns the result.
 
     Args:
@@ -134,6 +136,7 @@ def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tens
         lora: key -> adapter tensor in `lora_dtype(weight.dtype)`.
         safe: follow merge_and_unload(safe_merge=True).
         scratch: a reusable buffer for ΔW (optional).
+        window: for a parameter stored per expert, which expert and rows `weight` is (TensorPlan.window).
     Raises:
         LorafitError: the module's kind cannot be merged.
     """
@@ -143,6 +146,8 @@ def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tens
             return (weight + extra).to(weight.dtype)
         weight += extra
         return weight
+    if d.kind == "param":
+        return _apply_parameter_delta(weight, d, lora, window)
     if d.kind not in ("linear", "conv1d", "embedding"):
         raise LorafitError(f"cannot merge {d.module}: LoRA on {d.kind} layers is not supported by lorafit merge")
     if d.dora:
@@ -151,6 +156,37 @@ def apply_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tens
     full = product(lora(d.keys["A"]), lora(d.keys["B"]), d.kind, scratch)
     for rows in row_blocks(weight.shape[0], weight[0].numel()):
         merge_block(weight[rows], full[rows], d.scaling, adds_rounded_delta(d, safe))
+    return weight
+
+
+def parameter_product(a: torch.Tensor, b: torch.Tensor, d: Delta, experts: slice | None = None) -> torch.Tensor:
+    """B·A of a LoRA on a parameter, laid out like it: [out, in] for a 2-D one; for experts [E, out, in], or
+    [E, in, out] when they are stored transposed. With `experts`, only those experts.
+
+    The same einsum as PEFT's ParamWrapper.get_delta_weight; an expert's slice computes the same bits.
+    """
+    import torch
+
+    if d.experts == 1:
+        return b @ a
+    a3 = a.reshape(d.experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, d.experts)
+    if experts is not None:
+        a3, b3 = a3[experts], b3[:, :, experts]
+    return torch.einsum("o r e, e r i -> e i o" if d.transposed else "o r e, e r i -> e o i", b3, a3)
+
+
+def _apply_parameter_delta(weight: torch.Tensor, d: Delta, lora: Callable[[str], torch.Tensor],
+                           window: tuple[int, int, int] | None) -> torch.Tensor:
+    """ParamWrapper.merge: ΔW cast to the weight dtype first, then added (safe or not, the same sum).
+
+    With `window` (expert, start, stop), `weight` is that expert's rows [start, stop) as the checkpoint stores them.
+    """
+    one = None if window is None else slice(window[0], window[0] + 1)
+    delta = parameter_product(lora(d.keys["A"]), lora(d.keys["B"]), d, one)
+    if window is not None:
+        delta = delta[0, window[1]:window[2]]
+    weight += (delta * d.scaling).to(weight.dtype)
     return weight
 
 

@@ -25,15 +25,16 @@ from typing import Literal
 from ..adapter import Adapter, LoraKind
 from ..align import Landing
 from ..errors import LorafitError
-from ..tree import ModuleTree
+from ..tree import ModuleTree, StoredPart
 
 # Adapter features whose merge is not ΔW = B @ A (or DoRA); refused rather than merged wrongly.
-UNSUPPORTED_CONFIG = ("target_parameters", "trainable_token_indices", "layer_replication", "alora_invocation_tokens",
+UNSUPPORTED_CONFIG = ("trainable_token_indices", "layer_replication", "alora_invocation_tokens",
                       "arrow_config", "use_bdlora", "velora_config", "monteclora_config", "kasa_config")
 
 
-# How a delta is added: GPT-2's Conv1D stores the weight [in, out] (PEFT's fan_in_fan_out), so it is transposed.
-DeltaKind = Literal["linear", "conv1d", "embedding", "conv"]
+# How a delta is added: GPT-2's Conv1D stores the weight [in, out] (PEFT's fan_in_fan_out), so it is transposed;
+# "param" is a LoRA on a parameter (PEFT's ParamWrapper), per expert for fused MoE experts.
+DeltaKind = Literal["linear", "conv1d", "embedding", "conv", "param"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Delta:
     scaling: float
     dora: bool = False
     role: str = "weight"  # "weight", or "bias" for lora_bias
+    experts: int = 1  # kind "param": the parameter's experts (1: a 2-D parameter)
+    transposed: bool = False  # kind "param": experts stored [in, out] (transformers' is_transposed)
 
 
 @dataclass
@@ -57,6 +60,9 @@ class TensorPlan:
     source: str  # base key: the starting value, and the dtype and shape of the output
     replace: str | None = None  # adapter key that replaces the base value (modules_to_save, saved base layer, bias)
     deltas: list[Delta] = field(default_factory=list)
+    # The checkpoint stores the parameter the deltas change in parts (per-expert weights that transformers fuses
+    # on load): this tensor is rows [start, stop) of expert `expert` of it.
+    window: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -94,9 +100,9 @@ class _CheckpointNames:
     tree: ModuleTree
     keys: set[str]  # the base checkpoint's tensor names
     where: Path | None  # the base checkpoint, named when a slot has no key
+    stored: Mapping[str, Sequence[StoredPart]] = field(default_factory=dict)  # loaded name -> checkpoint parts
 
-    def key_of(self, path: str, param: str) -> str | None:
-        """The key holding `path`.`param`, or None; the first of: as is, with the prefix, without it."""
+    def _candidates(self, path: str, param: str) -> list[str]:
         prefix = self.tree.base_model_prefix
         name = f"{path}.{param}" if path else param
         candidates = [name]
@@ -104,7 +110,22 @@ class _CheckpointNames:
             candidates.append(f"{prefix}.{name}")
             if name.startswith(prefix + "."):
                 candidates.append(name[len(prefix) + 1:])
-        return next((c for c in candidates if c in self.keys), None)
+        return candidates
+
+    def key_of(self, path: str, param: str) -> str | None:
+        """The key holding `path`.`param`, or None; the first of: as is, with the prefix, without it, renamed."""
+        candidates = self._candidates(path, param)
+        found = next((c for c in candidates if c in self.keys), None)
+        if found is None:
+            renamed = [p[0].key for c in candidates for p in [self.stored.get(c, ())] if len(p) == 1 and
+                       p[0].expert is None]
+            found = renamed[0] if renamed else None
+        return found
+
+    def parts_of(self, path: str, param: str) -> Sequence[StoredPart]:
+        """The per-expert checkpoint tensors that hold `path`.`param` when transformers fuses them on load, else ()."""
+        return next((p for c in self._candidates(path, param) for p in [self.stored.get(c, ())]
+                     if p and p[0].expert is not None), ())
 
     def resolve(self, slot: Slot) -> str:
         """The key holding `slot`, also through a tied alias stored once; a slot with no key is an error.
@@ -169,6 +190,11 @@ def _deltas_by_slot(adapter: Adapter, tree: ModuleTree, mapping: Landing) -> dic
     deltas: dict[Slot, list[Delta]] = {}
     for src, dst in mapping.pairs.items():
         m = adapter.modules[src]
+        if m.kind == "param":  # one parameter of the module, in the order PEFT nests its wrappers
+            param, experts = mapping.params[src]
+            deltas.setdefault((dst, param), []).append(Delta(src, dst, "param", m.keys, m.per_param[param][2],
+                                                             experts=experts, transposed=tree.modules[dst].transposed))
+            continue
         kind = _kind(m.kind, tree.modules[dst].kind)
         if kind == "conv":
             raise LorafitError(f"cannot merge {src}: LoRA on convolution layers is not supported by lorafit merge",
@@ -288,6 +314,10 @@ def _plan_slots(plan: MergePlan, slots: _SlotChanges, names: _CheckpointNames, o
                 where: Path) -> None:
     """Plan every slot left in `slots`, in module order, each on the checkpoint tensor that holds it."""
     for slot in sorted(set(slots.deltas) | set(slots.replaced), key=lambda s: (order_of.get(s[0], -1), s[1])):
+        parts = names.parts_of(*slot) if names.key_of(*slot) is None else ()
+        if parts:
+            _plan_parts(plan, slots, slot, parts, where)
+            continue
         name = names.resolve(slot)
         if name in plan.changes:
             _join_planned_tensor(plan, slots, slot, name, where)
@@ -295,17 +325,34 @@ def _plan_slots(plan: MergePlan, slots: _SlotChanges, names: _CheckpointNames, o
             plan.changes[name] = TensorPlan(name, name, slots.replaced.get(slot), list(slots.deltas.get(slot, [])))
 
 
+def _plan_parts(plan: MergePlan, slots: _SlotChanges, slot: Slot, parts: Sequence[StoredPart], where: Path) -> None:
+    """Plan a parameter the checkpoint stores per expert: each part takes its window of the same deltas.
+
+    Raises:
+        LorafitError: a saved tensor replaces the parameter, or a delta is not a non-transposed parameter LoRA
+            (only those are laid out [experts, out, in], the rows the parts split).
+    """
+    deltas = slots.deltas.get(slot, [])
+    if slot in slots.replaced or any(d.kind != "param" or d.transposed for d in deltas):
+        raise LorafitError(f"cannot merge {slot[0]}.{slot[1]}: the checkpoint stores it split per expert, and the "
+                           "adapter changes it in a way lorafit cannot split", where)
+    for p in parts:
+        plan.changes[p.key] = TensorPlan(p.key, p.key, None, list(deltas), window=(p.expert or 0, p.start, p.stop))
+
+
 def build_plan(adapter: Adapter, tree: ModuleTree, mapping: Landing, keys: Sequence[str],
-               where: Path | None = None) -> MergePlan:
+               where: Path | None = None, stored: Mapping[str, Sequence[StoredPart]] | None = None) -> MergePlan:
     """Plan the merge of `adapter` (landed by `mapping` on `tree`) into a checkpoint holding `keys`, in order.
 
     Returns:
         the MergePlan; modules that `mapping` does not land are left out (check reports them).
     Raises:
         LorafitError: an adapted module has no weight in the checkpoint, or its kind cannot be merged.
+
+    `stored` says how the checkpoint stores parameters that transformers renames or fuses on load (conversion).
     """
     _refuse_unsupported(adapter)
-    names = _CheckpointNames(tree, set(keys), where)
+    names = _CheckpointNames(tree, set(keys), where, stored or {})
     order_of = {p: i for i, p in enumerate(tree.modules)}
     slots = _slot_changes(adapter, tree, mapping)
     plan = MergePlan(order=[], sources={}, changes={})

@@ -62,7 +62,7 @@ def compute(tp: TensorPlan, ckpt: Checkpoint, adapter: Adapter, lora: dict[str, 
     else:
         w = ckpt.read(tp.source, into=space.read_buffer(st.nbytes) if space else None).to(dtype)
     for d in tp.deltas:
-        w = apply_delta(w, d, lora.__getitem__, safe, space.scratch if space else None)
+        w = apply_delta(w, d, lora.__getitem__, safe, space.scratch if space else None, tp.window)
     if safe and not bool(torch.isfinite(w).all()):
         raise LorafitError(f"NaN or Inf in the merged {tp.name}; the adapter is broken (safe merge refuses it)",
                            adapter.path)

@@ -299,8 +299,26 @@ def _group_modules(adapter: Adapter) -> None:
                     raise AdapterFormatError(f"tensor {keys[role]!r} has shape {list(extra.shape)}, but its module has "
                                              f"{out_f} outputs (lora_B is {list(b)}): a {role} needs {out_f} values",
                                              adapter.weights_path)
+        param_target = targeting.parameter_target(adapter.config, module)
+        if param_target is not None and kind == "linear":
+            adapter.modules[module] = _param_module(adapter.config, module, param_target, keys, a, b)
+            continue
         cfg_r, alpha = targeting.resolve_rank_alpha(adapter.config, module)
         adapter.modules[module] = LoraModule(
             path=module, kind=kind, keys=keys, rank=rank, rank_b=b[1], in_features=in_f, out_features=out_f,
             alpha=alpha, scaling=targeting.scaling(adapter.config, cfg_r, alpha), config_rank=cfg_r,
         )
+
+
+def _param_module(config: dict[str, Any], module: str, target: tuple[str, int, list[str]], keys: dict[str, str],
+                  a: tuple[int, ...], b: tuple[int, ...]) -> LoraModule:
+    """A LoRA on parameters of the module (target_parameters): r, alpha and scaling for each parameter it may be."""
+    base, depth, names = target
+    per_param = {}
+    for name in names:
+        r, alpha = targeting.resolve_rank_alpha(config, f"{base}.{name}")
+        per_param[name] = (r, alpha, targeting.scaling(config, r, alpha))
+    only = next(iter(per_param.values())) if len(per_param) == 1 else (0, 0.0, 0.0)
+    return LoraModule(path=module, kind="param", keys=keys, rank=a[0], rank_b=b[1], in_features=a[1],
+                      out_features=b[0], alpha=only[1], scaling=only[2], config_rank=only[0], depth=depth,
+                      wrapper=module[len(base):], per_param=per_param)

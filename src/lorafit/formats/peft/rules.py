@@ -70,7 +70,7 @@ def rule_unprefixed(adapter: Adapter) -> list[Finding]:
 def adapter_rules(adapter: Adapter) -> list[Finding]:
     """PEFT's own rules on an adapter alone: its config against its tensors."""
     return (rule_dora(adapter) + rule_bias(adapter) + rule_modules_to_save_saved(adapter)
-            + rule_unknown_fields(adapter) + rule_unprefixed(adapter))
+            + rule_unknown_fields(adapter) + rule_unprefixed(adapter) + rule_parameter_options(adapter))
 
 
 def rule_targets_nothing(adapter: Adapter, tree: ModuleTree, hint: str | None) -> list[Finding]:
@@ -85,23 +85,68 @@ def rule_targets_nothing(adapter: Adapter, tree: ModuleTree, hint: str | None) -
                     "PeftModel.from_pretrained raises NoMatchingPeftModuleError (a ValueError)", hint=hint)]
 
 
+def rule_parameter_options(adapter: Adapter) -> list[Finding]:
+    """Options PEFT's ParamWrapper refuses with a ValueError on load: dropout, DoRA, lora_bias, fan_in_fan_out."""
+    cfg = adapter.config
+    if not any(m.kind == "param" for m in adapter.modules.values()):
+        return []
+    out = []
+    if cfg.get("lora_dropout"):
+        out.append(Finding("parameter-dropout", f"lora_dropout={cfg['lora_dropout']} with target_parameters: PEFT "
+                           "raises ValueError('lora.ParamWrapper does not work with lora_dropout != 0') on load. "
+                           "Dropout only acts in training, so 0 loads the same trained adapter",
+                           hint=f"lorafit fix {adapter.path} -o OUT writes lora_dropout 0"))
+    refused = [f"{k}={cfg[k]}" for k in ("use_dora", "lora_bias", "fan_in_fan_out") if cfg.get(k)]
+    if refused:
+        out.append(Finding("parameter-option", f"{', '.join(refused)} with target_parameters: PEFT's ParamWrapper "
+                           "raises ValueError on load; no stock PEFT loads this adapter", refused))
+    return out
+
+
+def rule_parameter_ranks(adapter: Adapter, m: Landing) -> list[Finding]:
+    """A LoRA on a parameter of E experts holds r·E rows, r resolved on the target's `module.param` path."""
+    wrong, moved = [], []
+    for src, (param, experts) in m.params.items():
+        mod = adapter.modules[src]
+        saved_r, saved_alpha, _ = mod.per_param[param]
+        if mod.rank != saved_r * experts:
+            wrong.append(f"{src} ({param}): tensors have {mod.rank} rows = r {mod.rank / experts:g} x {experts} "
+                         f"experts, config gives r={saved_r}")
+            continue
+        r, alpha = targeting.resolve_rank_alpha(adapter.config, f"{m.pairs[src]}.{param}")
+        if r != saved_r or not math.isclose(alpha, saved_alpha):
+            moved.append(f"{m.pairs[src]}.{param}: r={r} alpha={alpha:g} on the target, saved r={saved_r} "
+                         f"alpha={saved_alpha:g}")
+    out = []
+    if wrong:
+        out.append(Finding("rank-mismatch", f"{plural(len(wrong), 'parameter LoRA')} disagree with r / rank_pattern "
+                           "in adapter_config.json; PEFT will fail with a size mismatch on load", wrong,
+                           hint="set a rank_pattern entry for the parameter to the tensors' rank per expert"))
+    if moved:
+        out.append(_pattern_mismatch(moved))
+    return out
+
+
+def _pattern_mismatch(bad: list[str]) -> Finding:
+    return Finding("pattern-mismatch", f"{plural(len(bad), 'module')} resolve rank_pattern/alpha_pattern "
+                   "differently on the target's paths: a wrong rank fails to load, a wrong alpha silently "
+                   "rescales the adapter", bad, hint="lorafit fix rewrites the pattern keys")
+
+
 def rule_patterns(adapter: Adapter, m: Landing) -> list[Finding]:
     """rank/alpha patterns are matched against the target path: a prefixed pattern may stop matching."""
     bad = []
     for src, dst in m.pairs.items():
         mod = adapter.modules.get(src)
-        if mod is None or mod.rank != mod.config_rank:
-            continue  # already a rank-mismatch
+        if mod is None or mod.kind == "param" or mod.rank != mod.config_rank:
+            continue  # already a rank-mismatch, or a parameter LoRA (rule_parameter_ranks)
         r, alpha = targeting.resolve_rank_alpha(adapter.config, dst)
         if r != mod.rank or not math.isclose(alpha, mod.alpha):
             bad.append(f"{dst}: r={r} alpha={alpha:g} on the target, saved r={mod.rank} alpha={mod.alpha:g}")
-    if not bad:
-        return []
-    return [Finding("pattern-mismatch", f"{plural(len(bad), 'module')} resolve rank_pattern/alpha_pattern "
-                    "differently on the target's paths: a wrong rank fails to load, a wrong alpha silently "
-                    "rescales the adapter", bad, hint="lorafit fix rewrites the pattern keys")]
+    return [_pattern_mismatch(bad)] if bad else []
 
 
 def landing_rules(adapter: Adapter, tree: ModuleTree, landing: Landing, hint: str | None) -> list[Finding]:
     """PEFT's rules on one landing: does target_modules select anything, do the patterns still resolve."""
-    return rule_targets_nothing(adapter, tree, hint) + rule_patterns(adapter, landing)
+    return (rule_targets_nothing(adapter, tree, hint) + rule_patterns(adapter, landing)
+            + rule_parameter_ranks(adapter, landing))

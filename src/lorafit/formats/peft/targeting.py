@@ -130,6 +130,38 @@ def _layer_index_ok(config: Mapping[str, Any], path: str) -> bool:
     return idx == layers if isinstance(layers, int) else idx in layers
 
 
+# PEFT nests one wrapper per targeted parameter of a module; each inner one sits under `.base_layer`.
+PARAM_WRAPPER = ".base_layer"
+
+
+def parameter_names(config: Mapping[str, Any], module: str) -> list[str]:
+    """The parameters of the module at `module` that target_parameters names, as PEFT matches `module.param`."""
+    out = []
+    for t in config.get("target_parameters") or []:
+        name = str(t).rpartition(".")[2]
+        key = f"{module}.{name}"
+        if (key == t or key.endswith(f".{t}")) and name not in out:
+            out.append(name)
+    return out
+
+
+def parameter_target(config: Mapping[str, Any], saved_path: str) -> tuple[str, int, list[str]] | None:
+    """(module path, nesting depth, candidate parameters) if the LoRA saved at `saved_path` adapts parameters.
+
+    PEFT saves the outermost wrapper's factors under the module's path and each inner one under one more
+    `.base_layer`; a module that target_modules also names is an ordinary LoRA layer.
+    """
+    if not config.get("target_parameters"):
+        return None
+    base, depth = saved_path, 0
+    while base.endswith(PARAM_WRAPPER):
+        base, depth = base[: -len(PARAM_WRAPPER)], depth + 1
+    names = parameter_names(config, base)
+    if not names or (depth == 0 and is_targeted(config, base)):
+        return None
+    return base, depth, names
+
+
 def is_targeted(config: Mapping[str, Any], path: str) -> bool:
     """True when PEFT would put a LoRA layer on the module at `path` (target_modules, exclusions, layers)."""
     if _excluded(config, path) or in_modules_to_save(config, path):

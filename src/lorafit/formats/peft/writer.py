@@ -37,7 +37,7 @@ def remap_keys(adapter: Adapter, m: Landing) -> dict[str, str]:
     for key in adapter.infos:
         module, role, suffix = split_key(key)
         if role is not None and module in m.pairs:
-            new_module = m.pairs[module]
+            new_module = m.pairs[module] + adapter.modules[module].wrapper
         elif key in m.tensor_pairs:
             new_module = m.tensor_pairs[key] + split_wrapper(module)[1]
         else:
@@ -72,13 +72,20 @@ def fixed_config(adapter: Adapter, tree: ModuleTree, m: Landing) -> dict[str, An
         pinned = {}
         for src, dst in m.pairs.items():
             mod = adapter.modules[src]
-            want = mod.rank if name == "rank_pattern" else mod.alpha
+            want: float = mod.rank if name == "rank_pattern" else mod.alpha
+            if src in m.params:  # a parameter LoRA resolves its pattern on `module.param`
+                param = m.params[src][0]
+                dst = f"{dst}.{param}"
+                want = mod.per_param[param][0 if name == "rank_pattern" else 1]
             got = targeting.resolve_rank_alpha({**cfg, name: pat}, dst)[0 if name == "rank_pattern" else 1]
             if got != want:
                 pinned[re.escape(dst)] = int(want) if name == "rank_pattern" else want
         cfg[name] = {**pinned, **pat}
     cfg["modules_to_save"] = _rewrite_names(cfg.get("modules_to_save"), m.rewrite)
-    landed = set(m.pairs.values())
+    if m.params:
+        cfg["target_parameters"] = _rewrite_names(cfg.get("target_parameters"), m.rewrite)
+        cfg["lora_dropout"] = 0.0  # PEFT's ParamWrapper refuses dropout; it only ever acted in training
+    landed = {dst for src, dst in m.pairs.items() if src not in m.params}
     targeted = {p for p, info in tree.modules.items() if info.lora_kind and targeting.is_targeted(cfg, p)}
     if targeted != landed and landed:
         # target_modules spelled with the old prefix (a regex, or full paths): name the landed modules exactly.

@@ -34,7 +34,7 @@ def _describe(module: torch.nn.Module) -> ModuleInfo:
     if kind == "Conv1D" and "weight" in params:  # transformers' GPT-2 layer: weight is [in, out]
         w = params["weight"]
         return ModuleInfo("Conv1D", w[0], w[1], params)
-    return ModuleInfo(kind, None, None, params)
+    return ModuleInfo(kind, None, None, params, transposed=bool(getattr(module, "is_transposed", False)))
 
 
 def _clean_path(name: str) -> str | None:
@@ -58,8 +58,9 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
         path = _clean_path(name)
         if path is None or path in modules and name != path:
             continue
-        base = getattr(mod, "base_layer", None)
-        modules[path] = _describe(base if isinstance(base, torch.nn.Module) else mod)
+        while isinstance(getattr(mod, "base_layer", None), torch.nn.Module):
+            mod = mod.base_layer  # PEFT nests one wrapper per targeted parameter
+        modules[path] = _describe(mod)
     config = getattr(model, "config", None)
     in_emb = out_emb = None
     ids = {id(m): n for n, m in model.named_modules()}

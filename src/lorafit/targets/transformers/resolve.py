@@ -174,11 +174,32 @@ def resolve_class(name: str, config: Any, model_dir: Path | None = None) -> type
     if not issubclass(obj, PreTrainedModel):
         raise UnknownClassError(f"{name!r} is not a transformers model class")
     wants = getattr(obj, "config_class", None)
-    if isinstance(wants, type) and not isinstance(config, wants):
+    if isinstance(wants, type) and not isinstance(config, wants) and sub_config(config, wants) is None:
         raise UnknownClassError(f"{name} is a {getattr(wants, 'model_type', wants.__name__)!r} class, but the base "
                                 f"model is {config.model_type!r}; pass an Auto class or a {config.model_type} class",
                                 model_dir / "config.json" if model_dir else None)
     return obj
+
+
+def sub_config(config: Any, wants: type) -> Any:
+    """The part of a composite config (a VLM's text_config) that is a `wants`, as from_pretrained extracts it; or None.
+
+    A text-only class of a VLM checkpoint (MllamaForCausalLM on an mllama checkpoint) reads its own config
+    from the composite one; transformers' from_pretrained does the same.
+    """
+    for name in getattr(config, "sub_configs", None) or {}:
+        part = getattr(config, name, None)
+        if isinstance(part, wants):
+            return part
+    return None
+
+
+def class_config(cls: type, config: Any) -> Any:
+    """The config `cls` is built with: `config`, or the sub-config of its kind (a VLM's text_config)."""
+    wants = getattr(cls, "config_class", None)
+    if isinstance(wants, type) and not isinstance(config, wants):
+        return sub_config(config, wants) or config
+    return config
 
 
 def build_meta_model(cls: type, config: Any, model_dir: Path | None = None) -> Any:
@@ -190,6 +211,7 @@ def build_meta_model(cls: type, config: Any, model_dir: Path | None = None) -> A
     """
     import torch
 
+    config = class_config(cls, config)
     try:
         with torch.device("meta"):
             if hasattr(cls, "_from_config"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ...tree import ModuleInfo, ModuleTree
 
-_SCHEMA = "tree/2"
+_SCHEMA = "tree/3"
 
 
 def _cache_dir() -> Path:
@@ -50,7 +50,8 @@ def load(key: str) -> ModuleTree | None:
     try:
         data = json.loads(path.read_text())
         modules = {p: ModuleInfo(m["kind"], m["in_features"], m["out_features"],
-                                 {k: tuple(v) for k, v in m["params"].items()}) for p, m in data.pop("modules").items()}
+                                 {k: tuple(v) for k, v in m["params"].items()}, bool(m.get("transposed")))
+                   for p, m in data.pop("modules").items()}
         return ModuleTree(modules=modules, **data)
     except (OSError, ValueError, KeyError, TypeError):
         return None
