@@ -19,7 +19,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 import lorafit
-from helpers import cli, cli_json, codes
+from helpers import cli, cli_json, codes, python
 
 OLD_LAYOUT = [("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower.vision_model.")]
 
@@ -120,3 +120,19 @@ def test_two_subtrees_moved_under_different_prefixes() -> None:
     assert al.chosen.score == 5 and not al.ambiguous
     assert set(al.chosen.rewrite.rules) == {("text_model.", "model.text."), ("vision_model.enc.", "model.vision.")}
     assert al.chosen.pairs["vision_model.enc.layers.1.q_proj"] == "model.vision.layers.1.q_proj"
+
+
+def test_a_warm_check_of_a_converting_model_type_imports_nothing_heavy(llava: tuple[Path, Path, Path, PeftModel],
+                                                                       tmp_path: Path) -> None:
+    """Llava converts keys on load: PEFT's answer (which needs transformers, PEFT and a meta model) is cached
+    with the tree, so the second check of the old-layout adapter imports none of them and says the same."""
+    base, old, _new, _pm = llava
+    env = {"LORAFIT_CACHE": str(tmp_path / "cache"), "LORAFIT_NO_BLUEPRINTS": "1"}
+    script = ("import sys; from lorafit.api.check import check; r = check(sys.argv[1], sys.argv[2], "
+              "'LlavaForConditionalGeneration'); print(r.ok, r.alignment['rewrite']['type'], "
+              "r.alignment['lands_as_is'], r.target['tree_from'], "
+              "sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    cold = python(script, old, base, env=env, check=True).out.strip()
+    warm = python(script, old, base, env=env, check=True).out.strip()
+    assert cold == "True load-time-conversion 6 meta ['peft', 'torch', 'transformers']"
+    assert warm == "True load-time-conversion 6 cache []"

@@ -111,9 +111,14 @@ def _dropped_tensors(tree: ModuleTree, m: Landing, mts_keys: set[str], fix_hint:
     tensors = len(dropped) - len(m.unmatched)
     what = " and ".join(x for x in (plural(len(m.unmatched), "adapter module") if m.unmatched else "",
                                     plural(tensors, "saved tensor") if tensors else "") if x)
+    # Modules in a named part of the trained model (a vision tower) where none of the adapter lands: the
+    # target class lacks that part (a VLM's text-only class), and no rewrite can give them a place.
+    _, parts = never_trained(m.unmatched, m.pairs.keys())
+    lacks = (f". Those under {', '.join(sorted(parts))} adapt a part of the trained model that {tree.class_name} "
+             "does not have (a text-only class of a VLM, say): only a class with that part can use them"
+             if parts else "")
     return [Finding("dropped-tensors", f"{what} {verb(len(dropped), 'has', 'have')} no module of that "
-                    f"path in {tree.class_name}; "
-                    "PEFT drops them without a word", dropped,
+                    f"path in {tree.class_name}; PEFT drops them without a word{lacks}", dropped,
                     hint=fix_hint)]
 
 

@@ -75,6 +75,8 @@ CATALOG: dict[str, Code] = {
          "task_type needs a class the target is not (PEFT raises AttributeError)"),
     "task-type-mismatch": Code(WARNING, RUNTIME, (FIX, MERGE),
          "task_type names another kind of head than the target class"),
+    "weights-not-loaded": Code(ERROR, RUNTIME, (),
+         "the class finds few of its weights in the checkpoint: transformers leaves them random"),
     "tied-embeddings": Code(WARNING, RUNTIME, (MERGE,), "the adapter touches embeddings that the target ties"),
     "fixed": Code(INFO, OUTPUT, (), "fix wrote an adapter that lands on the target"),
     # verify / merge

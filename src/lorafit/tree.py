@@ -86,6 +86,26 @@ class ModuleTree:
     # Where the tree came from: "module" (a live model), "meta" (a meta-device build), "blueprint", "cache".
     origin: str | None = None
 
+    def stored_names(self, name: str) -> list[str]:
+        """The checkpoint names transformers loads the parameter `name` from: as is, prefixed, or stripped.
+
+        A head class holds the backbone under base_model_prefix; a checkpoint saved from the backbone alone
+        lacks that prefix, and one saved from a head class has it where the backbone does not.
+        """
+        prefix = self.base_model_prefix
+        out = [name]
+        if prefix:
+            out.append(f"{prefix}.{name}")
+            if name.startswith(prefix + "."):
+                out.append(name[len(prefix) + 1:])
+        return out
+
+    def parameter_names(self) -> list[str]:
+        """Every parameter's full name, each stored tensor once (tied aliases and tied output embeddings left out)."""
+        out_emb = f"{self.output_embeddings}.weight" if self.tie_word_embeddings and self.output_embeddings else None
+        names = [f"{p}.{n}" if p else n for p, info in self.modules.items() for n in info.params]
+        return [n for n in names if n not in self.tied and n != out_emb]
+
     def summary(self) -> dict[str, Any]:
         return {
             "class": self.class_name, "model_type": self.model_type, "source": self.source,

@@ -103,14 +103,7 @@ class _CheckpointNames:
     stored: Mapping[str, Sequence[StoredPart]] = field(default_factory=dict)  # loaded name -> checkpoint parts
 
     def _candidates(self, path: str, param: str) -> list[str]:
-        prefix = self.tree.base_model_prefix
-        name = f"{path}.{param}" if path else param
-        candidates = [name]
-        if prefix:
-            candidates.append(f"{prefix}.{name}")
-            if name.startswith(prefix + "."):
-                candidates.append(name[len(prefix) + 1:])
-        return candidates
+        return self.tree.stored_names(f"{path}.{param}" if path else param)
 
     def key_of(self, path: str, param: str) -> str | None:
         """The key holding `path`.`param`, or None; the first of: as is, with the prefix, without it, renamed."""

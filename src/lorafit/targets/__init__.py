@@ -41,6 +41,7 @@ class Target:
     base: str | None = None  # the base as the user named it (None for a live model)
     notes: list[Finding] = field(default_factory=list)  # findings about the base itself (e.g. custom code)
     model: Callable[[], Any] | None = None  # the loaded model on demand (meta is fine), for load-time conversions
+    key: str | None = None  # what identifies the base as loaded (config, class, versions), for caches; None if live
 
 
 class Runtime(Protocol):

@@ -47,13 +47,15 @@ class TransformersRuntime:
     def target(self, base: Any, how: str | None, adapter: Adapter) -> Target:
         """A local model dir or cached hub id (tree without weights), or a live nn.Module / PeftModel."""
         if isinstance(base, (str, Path)):
-            from .resolve import custom_code_finding, open_model_dir, tree_from_pretrained
+            from . import tree_cache
+            from .resolve import custom_code_finding, open_model_dir, tree_from_pretrained, unloaded_weights_finding
 
             md = open_model_dir(base)  # config.json is read here, once
             note = custom_code_finding(md.path, md.config)
             name = how or self.default_how(adapter)
             tree = tree_from_pretrained(md, name, source=str(base))
-            return Target(tree, name, str(base), [note] if note else [], meta_model_thunk(md, name))
+            notes = [n for n in (note, unloaded_weights_finding(md, tree)) if n is not None]
+            return Target(tree, name, str(base), notes, meta_model_thunk(md, name), tree_cache.cache_key(md.raw, name))
         from .module_tree import tree_from_module
 
         tree = tree_from_module(base)
@@ -63,9 +65,20 @@ class TransformersRuntime:
     def load_renames(self, adapter: Adapter, target: Target) -> dict[str, str] | None:
         if not target.tree.converts_keys or target.model is None:
             return None
+        from . import tree_cache
+
+        # PEFT's conversion needs transformers, PEFT and a meta model (~5 s); its answer depends only on the
+        # base as loaded and the adapter's keys and config, so a repeated check reads it from the cache.
+        key = tree_cache.renames_key(target.key, adapter) if target.key else None
+        cached = tree_cache.load_renames(key) if key else None
+        if cached is not None:
+            return cached
         from .conversion import load_renames
 
-        return load_renames(adapter, target.model())
+        renames = load_renames(adapter, target.model())
+        if key:
+            tree_cache.store_renames(key, renames)
+        return renames
 
     def rules(self, adapter: Adapter, target: Target, alignment: Alignment) -> list[Finding]:
         from .rules import runtime_rules

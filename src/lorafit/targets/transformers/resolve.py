@@ -99,6 +99,39 @@ def custom_code_finding(model_dir: Path, config: dict[str, Any]) -> Finding | No
                    f"the module tree is transformers' built-in {model_type!r} class, which the custom code may change")
 
 
+def unloaded_weights_finding(md: ModelDir, tree: ModuleTree) -> Finding | None:
+    """For a class built from part of a composite config (a VLM's text-only class): a finding when
+    from_pretrained would find none of its weights in this checkpoint and leave them at random init.
+
+    MllamaForCausalLM finds an mllama checkpoint's `language_model.model.*` under its base_model_prefix;
+    Gemma3ForCausalLM looks for `model.*` and finds nothing in a gemma3 one. None when the checkpoint holds
+    every parameter, when it has no readable safetensors, or when the class is of the checkpoint's own type.
+    """
+    if tree.model_type == md.config.get("model_type"):
+        return None
+    from ...fileio.checkpoint import Checkpoint
+
+    try:
+        with Checkpoint.open(md.path) as ckpt:
+            keys = set(ckpt.tensors)
+    except LorafitError:
+        return None  # no safetensors here: nothing to compare (merge and verify read the weights themselves)
+    names = tree.parameter_names()
+    absent = [n for n in names if not any(c in keys for c in tree.stored_names(n))]
+    if not absent:
+        return None
+    archs = md.config.get("architectures")
+    saved = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    tail = ".".join(absent[0].split(".")[-2:])
+    stored = sorted(k for k in keys if k.endswith(tail))[:1]
+    where = f" (it stores e.g. {stored[0]})" if stored else ""
+    return Finding("weights-not-loaded", f"{tree.class_name}.from_pretrained finds {len(names) - len(absent)} of "
+                   f"{len(names)} of its parameters in this {md.config.get('model_type')} checkpoint{where}: "
+                   f"transformers leaves the other {len(absent)} at random init, with only a warning, so the "
+                   "model is not the base the adapter was trained on", absent,
+                   hint=f"load the base with {saved} (--class {saved})" if saved else None)
+
+
 def resolve_model_dir(model: str | Path) -> Path:
     """A local directory with config.json, or the cached snapshot of a hub id.
 

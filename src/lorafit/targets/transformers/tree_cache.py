@@ -14,7 +14,9 @@ import tempfile
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
+from ...adapter import Adapter
 from ...tree import ModuleInfo, ModuleTree
 
 _SCHEMA = "tree/3"
@@ -42,23 +44,18 @@ def cache_key(config_bytes: bytes, class_name: str) -> str:
     return h.hexdigest()[:32]
 
 
-def load(key: str) -> ModuleTree | None:
-    """The cached tree for `key`, or None (missing, disabled, or unreadable: then it is rebuilt)."""
+def _read(name: str) -> Any:
+    """The cached JSON document `name`, or None (missing, disabled, or unreadable: then it is rebuilt)."""
     if os.environ.get("LORAFIT_NO_CACHE"):
         return None
-    path = _cache_dir() / f"{key}.json"
     try:
-        data = json.loads(path.read_text())
-        modules = {p: ModuleInfo(m["kind"], m["in_features"], m["out_features"],
-                                 {k: tuple(v) for k, v in m["params"].items()}, bool(m.get("transposed")))
-                   for p, m in data.pop("modules").items()}
-        return ModuleTree(modules=modules, **data)
-    except (OSError, ValueError, KeyError, TypeError):
+        return json.loads((_cache_dir() / name).read_text())
+    except (OSError, ValueError):
         return None
 
 
-def store(key: str, tree: ModuleTree) -> None:
-    """Write the tree atomically; a cache that cannot be written is silently skipped."""
+def _write(name: str, data: Any) -> None:
+    """Write a cached JSON document atomically; a cache that cannot be written is silently skipped."""
     if os.environ.get("LORAFIT_NO_CACHE"):
         return
     d = _cache_dir()
@@ -66,7 +63,47 @@ def store(key: str, tree: ModuleTree) -> None:
         d.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(asdict(tree), f)
-        os.replace(tmp, d / f"{key}.json")
+            json.dump(data, f)
+        os.replace(tmp, d / name)
     except OSError:
         pass
+
+
+def renames_key(target_key: str, adapter: Adapter) -> str:
+    """The key of the load-time renames of `adapter` on the base `target_key` names: its keys, shapes and config."""
+    h = hashlib.sha256(target_key.encode() + b"\0" + _version("peft").encode() + b"\0")
+    h.update(json.dumps(adapter.config, sort_keys=True, default=str).encode())
+    for k in sorted(adapter.module_keys()):
+        h.update(f"\0{k}:{list(adapter.infos[k].shape)}".encode())
+    return h.hexdigest()[:32]
+
+
+def load_renames(key: str) -> dict[str, str] | None:
+    """Cached renames (module path -> path PEFT loads it under) for `renames_key`, or None."""
+    data = _read(f"{key}.renames.json")
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return None
+    return data
+
+
+def store_renames(key: str, renames: dict[str, str]) -> None:
+    _write(f"{key}.renames.json", renames)
+
+
+def load(key: str) -> ModuleTree | None:
+    """The cached tree for `key`, or None (missing, disabled, or unreadable: then it is rebuilt)."""
+    data = _read(f"{key}.json")
+    if data is None:
+        return None
+    try:
+        modules = {p: ModuleInfo(m["kind"], m["in_features"], m["out_features"],
+                                 {k: tuple(v) for k, v in m["params"].items()}, bool(m.get("transposed")))
+                   for p, m in data.pop("modules").items()}
+        return ModuleTree(modules=modules, **data)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def store(key: str, tree: ModuleTree) -> None:
+    """Write the tree atomically; a cache that cannot be written is silently skipped."""
+    _write(f"{key}.json", asdict(tree))
