@@ -216,7 +216,7 @@ def run(cmd: list[str], label: str, cache: Path | None = None, repeat: int = 1, 
             print(err[-2000:], file=sys.stderr)
     row = {"job": label, "wall_s": round(min(walls), 2), "wall_median_s": round(statistics.median(walls), 2),
            "cpu_s": round(min(cpus), 2), "peak_rss_mb": round(max(rss), 1), "runs": len(walls), "exit": code,
-           "stdout": out}
+           "stdout": out, "stderr": err}
     print(f"  {label:<52} best {row['wall_s']:7.2f} s  median {row['wall_median_s']:7.2f} s  cpu {row['cpu_s']:7.2f} s"
           f"  {row['peak_rss_mb']:8.1f} MB  exit {code}", flush=True)
     return row

@@ -56,6 +56,25 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
                  max_position_embeddings=64, word_embed_proj_dim=16, pad_token_id=1)],
     "bert": [dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                   max_position_embeddings=64, num_labels=3)],
+    "mixtral": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)],
+    "qwen3_moe": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=5,
+                       num_experts_per_tok=2)],
+    "qwen2_moe": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, moe_intermediate_size=12,
+                       shared_expert_intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)],
+    "deepseek_v3": [dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                         num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4,
+                         n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+                         q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8)],
+    "gpt_oss": [dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                     layer_types=["full_attention", "sliding_attention"])],
+    "gemma3_text": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)],
+    "olmo2": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)],
 }
 
 
@@ -141,7 +160,6 @@ BASE = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size
 
 @pytest.mark.parametrize(("change", "why"), [
     ({"quantization_config": {"quant_method": "bitsandbytes"}}, "a key the blueprint does not know"),
-    ({"auto_map": {"AutoModel": "x.Y"}}, "remote code"),
     ({"attention_bias": True}, "a pinned structural flag with another value"),
     ({"hidden_act": "gelu"}, "another activation module"),
     ({"hidden_size": 16.0}, "a size that is not an int"),
@@ -152,6 +170,22 @@ BASE = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size
 def test_outside_the_blueprint_there_is_no_tree(change: dict[str, Any], why: str) -> None:
     assert tree_from_blueprint(BASE, "AutoModelForCausalLM") is not None
     assert tree_from_blueprint({**BASE, **change}, "AutoModelForCausalLM") is None, why
+
+
+def test_auto_map_on_a_built_in_type_is_the_built_in_tree() -> None:
+    """lorafit never runs custom code: for a model type transformers knows, the tree is its own class either way
+    (Phi-3 and Phi-4 hub configs carry auto_map), and check reports the custom code as a finding."""
+    cj = {**BASE, "auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}
+    drawn = tree_from_blueprint(cj, "AutoModelForCausalLM")
+    assert drawn is not None
+    assert_same_tree(drawn, _built(cj, "AutoModelForCausalLM"))
+
+
+def test_a_config_alias_is_read_as_its_field() -> None:
+    """Qwen3-MoE hub configs say num_experts, which transformers' config stores as num_local_experts."""
+    spec = {"aliases": {"num_experts": "num_local_experts"}}
+    assert blueprint.canonical_keys(spec, {"num_experts": 128, "x": 1}) == {"num_local_experts": 128, "x": 1}
+    assert blueprint.canonical_keys(spec, {"num_experts": 128, "num_local_experts": 64}) is None
 
 
 def test_a_null_default_that_sizes_a_module_is_pinned() -> None:

@@ -37,13 +37,24 @@ from lorafit.targets.transformers.module_tree import _AUTO_NAME_TABLES, TASK_TO_
 from lorafit.targets.transformers.resolve import build_meta_model
 from lorafit.tree import ModuleInfo, ModuleTree
 
-DEFAULT_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "bert"]
+DEFAULT_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "bert",
+                 "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "gemma3_text", "olmo2", "granite", "phi",
+                 "falcon", "gpt_neox", "starcoder2", "roberta", "deberta-v2", "t5", "bart", "whisper", "deepseek_v3"]
 # Keys hub config.json files carry that transformers' configs do not define. One is free for a model type
 # when neither its modeling and configuration code nor transformers' generic model code mention it.
 HUB_EXTRA_KEYS = ["n_ctx", "task_specific_params", "position_embedding_type", "gradient_checkpointing",
                   "cache_implementation", "max_sequence_length", "is_llama_config", "rope_interleaved",
                   "unsloth_version", "unsloth_fixed", "_attn_implementation_autoset", "hidden_act",
                   "hidden_activation", "max_length", "temperature", "top_p", "top_k", "do_sample"]
+# Sizes that some model code reads with getattr(config, name, default) and that its config class does not
+# define, with that default. Real configs carry them (Qwen3-MoE's head_dim); for a model type whose code reads
+# one, the generator checks the default against a build without the field, then treats it as a size.
+OPTIONAL_SIZES = {"head_dim": "hidden_size/num_attention_heads"}
+# Real config.json files (bench/configs/): the keys they carry beyond their config class's fields are tried.
+HUB_CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"
+ACTIVATIONS = ["gelu", "silu", "gelu_pytorch_tanh", "relu"]
+# Keys that from_pretrained acts on and a build from the config does not: never shown harmless by a probe.
+LOAD_TIME_KEYS = {"quantization_config"}
 PROBES = 6
 MULTIPLIERS = range(1, 5)
 # What a blueprint must reproduce of a ModuleTree besides its modules.
@@ -167,7 +178,11 @@ def _render(c: Fraction, num: tuple[str, ...], den: tuple[str, ...]) -> str:
 
 
 def _collapse(modules: dict[str, ModuleInfo]) -> list[Any]:
-    """Rows for one built tree: ("one", path, info) or ("repeat", container, count, [(template, info)])."""
+    """Rows for one built tree: ("one", path, info) or ("repeat", container, start, stop, [(template, info)]).
+
+    Numbered blocks that are alike form one repeat row; runs of different blocks (DeepSeek's first dense
+    layers, then MoE ones) form one row per run.
+    """
     items = list(modules.items())
     rows: list[Any] = []
     i = 0
@@ -190,9 +205,15 @@ def _collapse(modules: dict[str, ModuleInfo]) -> list[Any]:
                 raise Unsupported(f"nested repeats under {p}")
             by_index.setdefault(int(ps[pos]), []).append((".".join([*ps[:pos], "{i}", *ps[pos + 1:]]), inf))
             i += 1
-        if sorted(by_index) != list(range(len(by_index))) or any(v != by_index[0] for v in by_index.values()):
-            raise Unsupported(f"the blocks under {container} differ from each other")
-        rows.append(("repeat", container, len(by_index), by_index[0]))
+        if sorted(by_index) != list(range(len(by_index))):
+            raise Unsupported(f"the blocks under {container} are not numbered 0..n-1")
+        start = 0
+        for k in range(1, len(by_index) + 1):
+            if k == len(by_index) or by_index[k] != by_index[start]:
+                rows.append(("repeat", container, start, k, by_index[start]))
+                start = k
+        if sum(1 for r in rows if r[0] == "repeat" and r[1] == container) > 3:
+            raise Unsupported(f"the blocks under {container} differ from each other")  # a pattern, not runs
     return rows
 
 
@@ -200,13 +221,13 @@ def _shape_of(rows: list[Any]) -> list[Any]:
     """What must agree between probes: the paths, module kinds and parameter names."""
     def info_shape(info: ModuleInfo) -> Any:
         return (info.kind, info.in_features is None, info.out_features is None,
-                tuple((n, len(s)) for n, s in info.params.items()))
+                tuple((n, len(s)) for n, s in info.params.items()), info.transposed)
     out = []
     for r in rows:
         if r[0] == "one":
             out.append((r[1], info_shape(r[2])))
         else:
-            out.append((r[1], tuple((t, info_shape(inf)) for t, inf in r[3])))
+            out.append((r[1], tuple((t, info_shape(inf)) for t, inf in r[4])))
     return out
 
 
@@ -214,8 +235,9 @@ def _info_row(path: str, infos: list[ModuleInfo], points: list[dict[str, int]]) 
     first = infos[0]
     params = {n: [infer(points, [i.params[n][d] for i in infos]) for d in range(len(s))]
               for n, s in first.params.items()}
-    return [path, first.kind, infer(points, [i.in_features for i in infos]),
-            infer(points, [i.out_features for i in infos]), params]
+    row = [path, first.kind, infer(points, [i.in_features for i in infos]),
+           infer(points, [i.out_features for i in infos]), params]
+    return row + [True] if first.transposed else row  # experts stored [in, out] (GPT-OSS)
 
 
 def class_blueprint(trees: list[ModuleTree], points: list[dict[str, int]]) -> dict[str, Any]:
@@ -227,9 +249,11 @@ def class_blueprint(trees: list[ModuleTree], points: list[dict[str, int]]) -> di
         if row[0] == "one":
             rows.append(_info_row(row[1], [p[k][2] for p in per_probe], points))
         else:
-            count = infer(points, [p[k][2] for p in per_probe])
-            body = [_info_row(tpl, [p[k][3][j][1] for p in per_probe], points) for j, (tpl, _) in enumerate(row[3])]
-            rows.append(["repeat", count, body])
+            start = infer(points, [p[k][2] for p in per_probe]) if any(p[k][2] for p in per_probe) else 0
+            stop = infer(points, [p[k][3] for p in per_probe])
+            body = [_info_row(tpl, [p[k][4][j][1] for p in per_probe], points) for j, (tpl, _) in enumerate(row[4])]
+            # ["repeat", stop, body] is range(stop); a run that does not start at block 0 adds its start.
+            rows.append(["repeat", stop, body] + ([start] if start != 0 else []))
     t0 = trees[0]
     for attr in _TREE_ATTRS:
         if attr in ("vocab_size", "tie_word_embeddings"):
@@ -248,9 +272,7 @@ def _same_tree(a: ModuleTree, b: ModuleTree, ignore: tuple[str, ...] = ()) -> bo
 
 
 def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str, Any], list[str]]:
-    import transformers
     from transformers import CONFIG_MAPPING
-    from transformers.models.auto import modeling_auto
 
     config_cls = CONFIG_MAPPING[model_type]
     default = config_cls().to_dict()
@@ -264,16 +286,18 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
     pinned = {k: v for k, v in default.items()
               if k not in sizes and k not in bools and k not in free and not is_free_key(k)}
 
-    classes: dict[str, type] = {}
-    auto: dict[str, str] = {}
-    for task, table in _AUTO_NAME_TABLES.items():
-        name = getattr(modeling_auto, table, {}).get(model_type)
-        if isinstance(name, str) and hasattr(transformers, name):
-            auto[TASK_TO_AUTO[task]] = name
-            classes[name] = getattr(transformers, name)
+    classes, auto = _auto_classes(model_type)
+    optional = _optional_sizes(config_cls, default, classes, lambda ch: config_cls(**ch))
+    sizes.update(optional)
 
-    def make_config(changes: dict[str, Any]) -> Any:
-        return config_cls(**changes)
+    def make_config(changes: dict[str, Any]) -> Any:  # optional sizes are always given
+        return config_cls(**{**optional, **changes})
+
+    _prove_free(model_type, config_cls, default, pinned, free, optional, classes, make_config)
+    # A size that shapes the structure itself, not only the sizes (Qwen-MoE's decoder_sparse_step makes every
+    # n-th block sparse), is pinned to its default: scaled alone, the blocks would stop repeating alike.
+    for name in _structural_sizes(sizes, classes, make_config):
+        pinned[name] = sizes.pop(name)
 
     # Probe 0 is the default config; the others scale every size by its own random factor.
     probes: list[dict[str, Any]] = [{}]
@@ -316,6 +340,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
         except Exception:
             pass
     derived = _derived(config_cls, default, sizes, probes, points, [*pinned, *bools])
+    derived.update({name: OPTIONAL_SIZES[name] for name in optional})  # left out: the code's own default
     # Integers no size depends on (max_position_embeddings, sliding_window...) took random values in every
     # probe without changing the tree: they are free, and config.json may give them any value, null too.
     used = set(re.findall(r"[A-Za-z_]\w*", json.dumps([out_classes, derived])))
@@ -324,6 +349,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
         del sizes[name]
         derived.pop(name, None)
     spec = {"sizes": sizes, "bools": bools, "pinned": pinned, "free": free, "derived": derived,
+            "aliases": dict(getattr(config_cls, "attribute_map", {}) or {}),
             "divides": _with_defaults(_divides(out_classes, derived, points)
                                       + _enforced(default, classes, make_config), default),
             "layers_field": _layers_field(out_classes),
@@ -385,6 +411,132 @@ def _enforced(default: dict[str, Any], classes: dict[str, type], make_config: An
                 if re.search(rf"\b{fv}\b", said) and re.search(rf"\b{gv}\b", said):
                     out.append([f, g])
                     break
+    return out
+
+
+def _auto_classes(model_type: str) -> tuple[dict[str, type], dict[str, str]]:
+    """The classes transformers' Auto classes map the model type to, and Auto class -> concrete name."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    classes: dict[str, type] = {}
+    auto: dict[str, str] = {}
+    for task, table in _AUTO_NAME_TABLES.items():
+        name = getattr(modeling_auto, table, {}).get(model_type)
+        if isinstance(name, str) and hasattr(transformers, name):
+            auto[TASK_TO_AUTO[task]] = name
+            classes[name] = getattr(transformers, name)
+    return classes, auto
+
+
+def _prove_free(model_type: str, config_cls: type, default: dict[str, Any], pinned: dict[str, Any], free: list[str],
+                optional: dict[str, int], classes: dict[str, type], make_config: Any) -> None:
+    """Keys real configs of this type carry beyond the class's fields, and activation names, become free when no
+    value tried changes any class's tree (they are then accepted with any value). Updates `free` and `pinned`."""
+    aliases = getattr(config_cls, "attribute_map", {}) or {}
+    tries = {k: v for k, v in _hub_extras(model_type).items() if k not in default and k not in aliases
+             and k not in free and k not in optional and k not in LOAD_TIME_KEYS}
+    tries.update({k: [a for a in ACTIVATIONS if a != v] for k, v in pinned.items()
+                  if isinstance(v, str) and "act" in k})
+    for name in _unchanging(tries, classes, make_config):
+        free.append(name)
+        pinned.pop(name, None)
+
+
+def _optional_sizes(config_cls: type, default: dict[str, Any], classes: dict[str, type],
+                    make_config: Any) -> dict[str, int]:
+    """OPTIONAL_SIZES the model code reads that the config does not define, with their default values.
+
+    Each is kept only when the tree built with its default equals the tree built without it (the default
+    is right), and the tree built with another value differs (the code really reads it).
+    """
+    import importlib
+    import inspect
+
+    from lorafit.targets.transformers.blueprint import evaluate
+
+    package = config_cls.__module__.rsplit(".", 1)[0]
+    try:
+        code = inspect.getsource(importlib.import_module(f"{package}.modeling_{config_cls.model_type}"))
+    except (ImportError, OSError, AttributeError):
+        return {}
+    ints = {k: v for k, v in default.items() if isinstance(v, int) and not isinstance(v, bool)}
+    out = {}
+    for name, expr in OPTIONAL_SIZES.items():
+        value = evaluate(expr, ints)
+        if name in default or value is None or f'getattr(config, "{name}"' not in code:
+            continue
+        try:
+            trees = [[tree_from_module(build_meta_model(c, make_config(ch))) for c in classes.values()]
+                     for ch in ({}, {name: value}, {name: value * 2})]
+        except Exception:
+            continue
+        if all(_same_tree(a, b) for a, b in zip(trees[0], trees[1], strict=True)) and trees[1] != trees[2]:
+            out[name] = value
+    return out
+
+
+def _hub_extras(model_type: str) -> dict[str, list[Any]]:
+    """Every key of a real config (or its nested text/vision config) of `model_type`, with values to try it at."""
+    seen: dict[str, Any] = {}
+    for path in sorted(HUB_CONFIGS.glob("*.json")):
+        config = json.loads(path.read_text())
+        for part in [config, *(v for v in config.values() if isinstance(v, dict))]:
+            if part.get("model_type") == model_type:
+                for key, value in part.items():
+                    if not is_free_key(key):
+                        seen.setdefault(key, value)
+    out: dict[str, list[Any]] = {}
+    for key, value in seen.items():
+        if isinstance(value, bool):
+            out[key] = [True, False]
+        elif isinstance(value, int):
+            out[key] = [value, 2 * value + 1]
+        elif isinstance(value, float):
+            out[key] = [value, value / 2]
+        else:
+            out[key] = [value]
+    return out
+
+
+def _unchanging(tries: dict[str, list[Any]], classes: dict[str, type], make_config: Any) -> list[str]:
+    """The keys for which every value tried builds every class into the tree the defaults give."""
+    base = {n: tree_from_module(build_meta_model(c, make_config({}))) for n, c in classes.items()}
+    out = []
+    for key, values in tries.items():
+        try:
+            same = all(_same_tree(tree_from_module(build_meta_model(c, make_config({key: v}))), base[n])
+                       for v in values for n, c in classes.items())
+        except Exception:
+            continue  # a value transformers refuses: not shown harmless
+        if same and values:
+            out.append(key)
+    return out
+
+
+def _structural_sizes(sizes: dict[str, int], classes: dict[str, type], make_config: Any) -> list[str]:
+    """Sizes that, doubled or tripled alone, change some class's rows beyond their sizes (or make them unsupported)."""
+    def structure(cfg: Any) -> list[Any]:
+        return [_shape_of(_collapse(tree_from_module(build_meta_model(c, cfg)).modules)) for c in classes.values()]
+
+    try:
+        base = structure(make_config({}))
+    except Exception:
+        return []
+    out = []
+    for name, value in sizes.items():
+        if name == "num_labels":
+            continue
+        for m in (2, 3):
+            try:
+                changed = structure(make_config({name: value * m}))
+            except Unsupported:
+                changed = None
+            except Exception:
+                continue  # not a config transformers builds: the probes will not use it either
+            if changed != base:
+                out.append(name)
+                break
     return out
 
 
@@ -492,11 +644,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_types", nargs="*", default=DEFAULT_TYPES)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="write here instead of the shipped file (to run types in parallel)")
     args = ap.parse_args()
     tv = installed_transformers()
     if tv is None:
         sys.exit("transformers is not installed")
-    path: Path = data_file(tv)
+    path: Path = args.out or data_file(tv)
 
     out: dict[str, Any] = {"schema": SCHEMA, "transformers": tv, "model_types": {}}
     if path.exists():  # regenerating some model types keeps the others

@@ -30,6 +30,9 @@ FREE_KEYS = frozenset({
     "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "model_type",
     "rope_parameters", "rope_scaling", "rope_theta", "id2label", "label2id", "num_labels", "problem_type",
     "output_hidden_states", "output_attentions", "return_dict", "use_cache",
+    # Custom code of a built-in model type: lorafit never runs it, so the tree is transformers' own class (the
+    # check says so with the custom-code finding).
+    "auto_map",
 })
 # Free only for a model type whose config defines them (the generator lists them in its "free"): a
 # mistral config.json with layer_types is read by transformers as ministral.
@@ -95,6 +98,19 @@ def _terms(expr: str) -> list[tuple[str, str]]:
 
 def is_free_key(key: str) -> bool:
     return key in FREE_KEYS or bool(_TOKEN_ID.match(key)) or key.startswith("output_")
+
+
+def canonical_keys(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json with the config class's aliases resolved (Qwen3-MoE's num_experts is num_local_experts), as
+    transformers sets them; None when a field is given under both names with different values."""
+    aliases = spec.get("aliases") or {}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = aliases.get(key, key)
+        if name in out and out[name] != value:
+            return None
+        out[name] = value
+    return out
 
 
 def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int] | None:
@@ -189,6 +205,10 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
     bp = spec["classes"].get(concrete)
     if bp is None:
         return None
+    canonical = canonical_keys(spec, config)
+    if canonical is None:
+        return None
+    config = canonical
     values = resolve_sizes(spec, config)
     if values is None:
         return None
@@ -212,7 +232,7 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
 
 def _info(row: list[Any], values: dict[str, int]) -> ModuleInfo | None:
     """One row's ModuleInfo for these values, or None when one of its sizes cannot be evaluated."""
-    _, kind, fin, fout, params = row
+    _, kind, fin, fout, params, *rest = row  # a sixth element: experts stored transposed
     fin_v, fout_v = evaluate(fin, values), evaluate(fout, values)
     shapes = {name: [evaluate(d, values) for d in shape] for name, shape in params.items()}
     if (fin_v is None) != (fin is None) or (fout_v is None) != (fout is None):
@@ -220,23 +240,30 @@ def _info(row: list[Any], values: dict[str, int]) -> ModuleInfo | None:
     dims = {name: tuple(d for d in shape if d is not None) for name, shape in shapes.items()}
     if any(len(dims[n]) != len(shapes[n]) for n in dims):
         return None
-    return ModuleInfo(kind, fin_v, fout_v, dims)
+    return ModuleInfo(kind, fin_v, fout_v, dims, transposed=bool(rest and rest[0]))
 
 
 def _expand(rows: list[Any], values: dict[str, int]) -> dict[str, ModuleInfo] | None:
-    """Rows in named_modules order; a repeat row stands for its body once per index, in index order."""
+    """Rows in named_modules order; a repeat row stands for its body once per index, in index order.
+
+    Runs of different blocks (DeepSeek: dense layers up to first_k_dense_replace, MoE layers after) are
+    consecutive repeat rows, each starting where the one before stopped.
+    """
     out: dict[str, ModuleInfo] = {}
+    last_stop: int | None = None  # where the previous run of blocks ended: the next run starts there
     for row in rows:
-        if row[0] == "repeat":
-            _, count_expr, body = row
+        if row[0] == "repeat":  # ["repeat", stop, body] or, for a run that starts later, [..., start]
+            _, count_expr, body, *start_expr = row
             count = evaluate(count_expr, values)
-            if count is None:
-                return None
+            start = evaluate(start_expr[0], values) if start_expr else 0
+            if count is None or start is None or start > count or (start_expr and start != last_stop):
+                return None  # runs that overlap or leave a gap: not the structure the blueprint was made from
+            last_stop = count
             infos = [(str(r[0]), _info(r, values)) for r in body]
             known = [(tpl, info) for tpl, info in infos if info is not None]
             if len(known) != len(infos):
                 return None
-            for i in range(count):
+            for i in range(start, count):
                 out.update((tpl.replace("{i}", str(i)), info) for tpl, info in known)
         else:
             info = _info(row, values)
