@@ -172,3 +172,15 @@ def test_a_wrong_rank_per_expert_is_the_size_mismatch_peft_raises(qwen3_moe: dic
     assert code == 1 and codes(report, "error") == {"rank-mismatch"}
     (finding,) = report["findings"]
     assert "gate_up_proj" in finding["keys"][0] and "4 experts" in finding["keys"][0]
+
+
+def test_a_first_check_of_a_moe_adapter_imports_nothing_heavy(qwen3_moe: dict[str, Path]) -> None:
+    """Qwen3-MoE has a blueprint, and transformers converts its keys on load: the blueprint's conversion patterns
+    show that none of this adapter's paths is converted, so neither PEFT, transformers nor torch is needed."""
+    from helpers import python
+
+    script = ("import sys, lorafit; r = lorafit.check(sys.argv[1], sys.argv[2]); "
+              "print(r.ok, r.target['tree_from'], sorted(m for m in ('torch', 'transformers', 'peft') "
+              "if m in sys.modules))")
+    out = python(script, qwen3_moe["adapter"], qwen3_moe["base"], env={"LORAFIT_NO_CACHE": "1"}, check=True).out
+    assert out.strip() == "True blueprint []"

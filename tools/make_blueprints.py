@@ -30,6 +30,7 @@ from lorafit.targets.transformers.blueprint import (
     FREE_IF_DEFINED,
     SCHEMA,
     data_file,
+    flatten,
     installed_transformers,
     is_free_key,
 )
@@ -50,6 +51,8 @@ HUB_EXTRA_KEYS = ["n_ctx", "task_specific_params", "position_embedding_type", "g
 # define, with that default. Real configs carry them (Qwen3-MoE's head_dim); for a model type whose code reads
 # one, the generator checks the default against a build without the field, then treats it as a size.
 OPTIONAL_SIZES = {"head_dim": "hidden_size/num_attention_heads"}
+# Auto classes beyond those a PEFT task_type implies: a VLM is fine-tuned as AutoModelForImageTextToText.
+EXTRA_AUTO = [("AutoModelForImageTextToText", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES")]
 # Real config.json files (bench/configs/): the keys they carry beyond their config class's fields are tried.
 HUB_CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"
 ACTIVATIONS = ["gelu", "silu", "gelu_pytorch_tanh", "relu"]
@@ -93,7 +96,8 @@ def infer(points: list[dict[str, int]], targets: list[int | None]) -> int | str 
             return found.pop()
         if found:
             raise Unsupported(f"sizes {ts} fit {sorted(found)}")
-    found = _sums(points, ts, [m for tier in tiers for m in tier])
+    found = (_sums(points, ts, [m for tier in tiers for m in tier]) or _patches(points, ts, fields)
+             or _offsets(points, ts, fields))
     if len(found) == 1:
         return found.pop()
     raise Unsupported(f"sizes {ts} fit {sorted(found)}" if found else f"no expression explains sizes {ts}")
@@ -115,9 +119,11 @@ def _sums(points: list[dict[str, int]], ts: list[int], monomials: list[tuple[tup
             row.append(v)
         values.append(row)
     found = set()
-    a0, a1 = 0, 1
+    pairs = list(itertools.combinations(range(len(ts)), 2))
     for i, j in itertools.combinations(range(len(monomials)), 2):
         x, y = values[i], values[j]
+        # Two points on which the two terms are not proportional (the first two may scale them alike).
+        a0, a1 = next(((a, b) for a, b in pairs if x[a] * y[b] - x[b] * y[a]), (0, 1))
         det = x[a0] * y[a1] - x[a1] * y[a0]
         if not det or det != det:
             continue
@@ -135,6 +141,24 @@ def _sums(points: list[dict[str, int]], ts: list[int], monomials: list[tuple[tup
             if all(sum(_exact(p, *t) for t in terms) == t_k for p, t_k in zip(points, ts, strict=True)):
                 found.add("+".join(sorted(_render(*t) for t in terms)))
     return found
+
+
+def _patches(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> set[str]:
+    """A vision tower's positions: (image_size/patch_size)^2, plus 1 for a class token (CLIP)."""
+    found = set()
+    for f, g in itertools.permutations(fields, 2):
+        if any(p[g] <= 0 or p[f] % p[g] for p in points):
+            continue
+        for extra in (0, 1):
+            if all((p[f] // p[g]) ** 2 + extra == t for p, t in zip(points, ts, strict=True)):
+                found.add(f"{f}*{f}/{g}/{g}" + ("+1" if extra else ""))
+    return found
+
+
+def _offsets(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> set[str]:
+    """A field plus a small constant: BART's and OPT's learned positions keep 2 rows beyond max_position_embeddings."""
+    return {f"{f}+{k}" for f in fields for k in (1, 2, 3, 4)
+            if all(p[f] + k == t for p, t in zip(points, ts, strict=True))}
 
 
 def _exact(p: dict[str, int], c: Fraction, num: tuple[str, ...], den: tuple[str, ...]) -> Fraction:
@@ -201,8 +225,8 @@ def _collapse(modules: dict[str, ModuleInfo]) -> list[Any]:
             ps = p.split(".")
             if len(ps) <= pos or ".".join(ps[:pos]) != container or not ps[pos].isdigit():
                 break
-            if any(s.isdigit() for s in ps[pos + 1:]):
-                raise Unsupported(f"nested repeats under {p}")
+            # Numbers further down (T5's block.{i}.layer.0 / layer.1) stay literal: a count that changes with the
+            # config changes the rows, which the probes catch.
             by_index.setdefault(int(ps[pos]), []).append((".".join([*ps[:pos], "{i}", *ps[pos + 1:]]), inf))
             i += 1
         if sorted(by_index) != list(range(len(by_index))):
@@ -263,6 +287,7 @@ def class_blueprint(trees: list[ModuleTree], points: list[dict[str, int]]) -> di
     return {"rows": rows, "base_model_prefix": t0.base_model_prefix, "can_generate": t0.can_generate,
             "implied_task_type": t0.implied_task_type, "input_embeddings": t0.input_embeddings,
             "output_embeddings": t0.output_embeddings, "converts_keys": t0.converts_keys, "tied": t0.tied,
+            "conversion_patterns": t0.conversion_patterns,
             "vocab_size": infer(points, [t.vocab_size for t in trees])}
 
 
@@ -275,25 +300,29 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
     from transformers import CONFIG_MAPPING
 
     config_cls = CONFIG_MAPPING[model_type]
-    default = config_cls().to_dict()
+    # A composite config (a VLM's text_config, vision_config) is handled as one level of dotted keys.
+    nested = [n for n in (getattr(config_cls, "sub_configs", None) or {})]
+    default = flatten(config_cls().to_dict(), nested)
+    build = _builder(config_cls, nested)
     sizes = {k: v for k, v in default.items() if isinstance(v, int) and not isinstance(v, bool)
              and v != 0 and not is_free_key(k)}
     sizes["num_labels"] = 2
     floats = [k for k, v in default.items() if isinstance(v, float) and not is_free_key(k)]
     bools = {k: v for k, v in default.items() if isinstance(v, bool) and not is_free_key(k)}
-    free = list(floats) + [k for k in default if k in FREE_IF_DEFINED]
+    free = list(floats) + [k for k in default if k.rsplit(".", 1)[-1] in FREE_IF_DEFINED]
     free += [k for k in HUB_EXTRA_KEYS if k not in default and not _mentioned(k, config_cls)]
     pinned = {k: v for k, v in default.items()
               if k not in sizes and k not in bools and k not in free and not is_free_key(k)}
 
     classes, auto = _auto_classes(model_type)
-    optional = _optional_sizes(config_cls, default, classes, lambda ch: config_cls(**ch))
+    optional = _optional_sizes(config_cls, default, classes, build)
     sizes.update(optional)
 
     def make_config(changes: dict[str, Any]) -> Any:  # optional sizes are always given
-        return config_cls(**{**optional, **changes})
+        return build({**optional, **changes})
 
-    _prove_free(model_type, config_cls, default, pinned, free, optional, classes, make_config)
+    equivalent: dict[str, list[Any]] = {}
+    _prove_free(model_type, config_cls, default, pinned, free, equivalent, optional, classes, make_config)
     # A size that shapes the structure itself, not only the sizes (Qwen-MoE's decoder_sparse_step makes every
     # n-th block sparse), is pinned to its default: scaled alone, the blocks would stop repeating alike.
     for name in _structural_sizes(sizes, classes, make_config):
@@ -316,7 +345,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
     else:
         raise Unsupported(f"{model_type}: no scaled config builds")
     configs = [make_config(c) for c in probes]
-    points = [{k: (c.num_labels if k == "num_labels" else getattr(c, k)) for k in sizes} for c in configs]
+    points = [{k: (c.num_labels if k == "num_labels" else _value(c, k)) for k in sizes} for c in configs]
 
     out_classes: dict[str, Any] = {}
     first_trees: dict[str, ModuleTree] = {}
@@ -339,17 +368,19 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
                 del pinned[field_name]
         except Exception:
             pass
-    derived = _derived(config_cls, default, sizes, probes, points, [*pinned, *bools])
+    derived = _derived(build, nested, default, sizes, probes, points, [*pinned, *bools])
     derived.update({name: OPTIONAL_SIZES[name] for name in optional})  # left out: the code's own default
     # Integers no size depends on (max_position_embeddings, sliding_window...) took random values in every
     # probe without changing the tree: they are free, and config.json may give them any value, null too.
-    used = set(re.findall(r"[A-Za-z_]\w*", json.dumps([out_classes, derived])))
+    used = set(re.findall(r"[A-Za-z_][\w.]*", json.dumps([out_classes, derived])))
     for name in [k for k in sizes if k not in used]:
         free.append(name)
         del sizes[name]
         derived.pop(name, None)
     spec = {"sizes": sizes, "bools": bools, "pinned": pinned, "free": free, "derived": derived,
-            "aliases": dict(getattr(config_cls, "attribute_map", {}) or {}),
+            "aliases": dict(getattr(config_cls, "attribute_map", {}) or {}), "nested": nested,
+            "equivalent": equivalent,
+            "nested_defaults": _nested_defaults(config_cls, nested),
             "divides": _with_defaults(_divides(out_classes, derived, points)
                                       + _enforced(default, classes, make_config), default),
             "layers_field": _layers_field(out_classes),
@@ -414,6 +445,42 @@ def _enforced(default: dict[str, Any], classes: dict[str, type], make_config: An
     return out
 
 
+def _builder(config_cls: type, nested: list[str]) -> Any:
+    """changes (dotted keys for nested fields) -> a config: each touched sub-config is given whole, its defaults
+    with the changes applied, so that it keeps its own model_type."""
+    defaults = config_cls().to_dict()
+
+    def build(changes: dict[str, Any]) -> Any:
+        kwargs: dict[str, Any] = {}
+        for key, value in changes.items():
+            sub, _, field = key.partition(".")
+            if field and sub in nested:
+                kwargs.setdefault(sub, dict(defaults.get(sub) or {}))[field] = value
+            else:
+                kwargs[key] = value
+        return config_cls(**kwargs)
+
+    return build
+
+
+def _nested_defaults(config_cls: type, nested: list[str]) -> dict[str, Any]:
+    """Each sub-config class's own defaults, by dotted key: what a sub-config given in part is filled with."""
+    composite = config_cls()
+    out: dict[str, Any] = {}
+    for sub in nested:
+        part = getattr(composite, sub, None)
+        if part is not None:
+            out.update(flatten({sub: type(part)().to_dict()}, [sub]))
+    return out
+
+
+def _value(config: Any, key: str) -> Any:
+    """A field of a config by its dotted key (text_config.hidden_size)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else getattr(config, part)
+    return config
+
+
 def _auto_classes(model_type: str) -> tuple[dict[str, type], dict[str, str]]:
     """The classes transformers' Auto classes map the model type to, and Auto class -> concrete name."""
     import transformers
@@ -421,26 +488,47 @@ def _auto_classes(model_type: str) -> tuple[dict[str, type], dict[str, str]]:
 
     classes: dict[str, type] = {}
     auto: dict[str, str] = {}
-    for task, table in _AUTO_NAME_TABLES.items():
+    tables = [(TASK_TO_AUTO[task], table) for task, table in _AUTO_NAME_TABLES.items()] + EXTRA_AUTO
+    for auto_name, table in tables:
         name = getattr(modeling_auto, table, {}).get(model_type)
         if isinstance(name, str) and hasattr(transformers, name):
-            auto[TASK_TO_AUTO[task]] = name
+            auto[auto_name] = name
             classes[name] = getattr(transformers, name)
     return classes, auto
 
 
 def _prove_free(model_type: str, config_cls: type, default: dict[str, Any], pinned: dict[str, Any], free: list[str],
-                optional: dict[str, int], classes: dict[str, type], make_config: Any) -> None:
+                equivalent: dict[str, list[Any]], optional: dict[str, int], classes: dict[str, type],
+                make_config: Any) -> None:
     """Keys real configs of this type carry beyond the class's fields, and activation names, become free when no
-    value tried changes any class's tree (they are then accepted with any value). Updates `free` and `pinned`."""
+    value tried changes any class's tree (they are then accepted with any value). Updates `free`, `pinned` and
+    `equivalent` (other values a pinned field may take)."""
     aliases = getattr(config_cls, "attribute_map", {}) or {}
-    tries = {k: v for k, v in _hub_extras(model_type).items() if k not in default and k not in aliases
-             and k not in free and k not in optional and k not in LOAD_TIME_KEYS}
-    tries.update({k: [a for a in ACTIVATIONS if a != v] for k, v in pinned.items()
-                  if isinstance(v, str) and "act" in k})
-    for name in _unchanging(tries, classes, make_config):
+    hub = {k: v for k, v in _hub_extras(model_type).items() if k not in free and k not in optional
+           and k not in LOAD_TIME_KEYS and k not in aliases}
+    # A key the class does not define, tried at two values (booleans both, integers two): free if neither changes
+    # a tree. Any other value is tried as the real config gives it, and only that value is accepted.
+    scalar = {k: v for k, v in hub.items() if k not in default and len(v) > 1}
+    for name in _unchanging(scalar, classes, make_config):
         free.append(name)
-        pinned.pop(name, None)
+    for name, values in hub.items():
+        if name in scalar or name in pinned and values[0] == pinned[name]:
+            continue
+        if (name not in default or name in pinned) and _unchanging({name: values}, classes, make_config):
+            if name in pinned:
+                equivalent.setdefault(name, []).append(values[0])  # Whisper's suppress_tokens of a real config
+            else:
+                pinned[name] = values[0]
+    # An activation that builds the same tree as the pinned one is accepted too (Gemma reads "gelu" as its tanh
+    # approximation); free only if every activation does.
+    for name, value in [(k, v) for k, v in pinned.items() if isinstance(v, str) and "act" in k]:
+        others = [a for a in ACTIVATIONS if a != value]
+        same = [a for a in others if _unchanging({name: [a]}, classes, make_config)]
+        if same == others:
+            free.append(name)
+            del pinned[name]
+        elif same:
+            equivalent[name] = same
 
 
 def _optional_sizes(config_cls: type, default: dict[str, Any], classes: dict[str, type],
@@ -481,7 +569,9 @@ def _hub_extras(model_type: str) -> dict[str, list[Any]]:
     seen: dict[str, Any] = {}
     for path in sorted(HUB_CONFIGS.glob("*.json")):
         config = json.loads(path.read_text())
-        for part in [config, *(v for v in config.values() if isinstance(v, dict))]:
+        nested = [k for k, v in config.items() if isinstance(v, dict) and "model_type" in v]
+        parts = [flatten(config, nested)] + [v for k, v in config.items() if k in nested]
+        for part in parts:
             if part.get("model_type") == model_type:
                 for key, value in part.items():
                     if not is_free_key(key):
@@ -612,8 +702,9 @@ def _bool_roles(cls: type, bools: dict[str, bool], make_config: Any,
     return pinned, tie
 
 
-def _derived(config_cls: type, default: dict[str, Any], sizes: dict[str, int], probes: list[dict[str, Any]],
-             points: list[dict[str, int]], others: list[str]) -> dict[str, str | int | None]:
+def _derived(build: Any, nested: list[str], default: dict[str, Any], sizes: dict[str, int],
+             probes: list[dict[str, Any]], points: list[dict[str, int]],
+             others: list[str]) -> dict[str, str | int | None]:
     """Fields whose value, when config.json omits them, depends on other fields: an expression, or None."""
     out: dict[str, str | int | None] = {}
     for name in [*sizes, *others]:
@@ -622,10 +713,10 @@ def _derived(config_cls: type, default: dict[str, Any], sizes: dict[str, int], p
         got = []
         for changes in probes[1:]:
             try:
-                cfg = config_cls(**{k: v for k, v in changes.items() if k != name})
+                cfg = build({k: v for k, v in changes.items() if k != name})
             except Exception:
                 continue  # this probe's other sizes do not fit the default (validation): no evidence either way
-            got.append(cfg.to_dict().get(name))
+            got.append(flatten(cfg.to_dict(), nested).get(name))
         if got and all(g == default.get(name) for g in got):
             continue  # omitted, it is the class default
         try:
@@ -640,12 +731,25 @@ def _derived(config_cls: type, default: dict[str, Any], sizes: dict[str, int], p
     return out
 
 
+def refresh_conversions(out: dict[str, Any]) -> None:
+    """Every class's conversion_patterns from the installed transformers (cheap: no model is built)."""
+    from lorafit.targets.transformers.conversion import source_patterns
+
+    for model_type, spec in out["model_types"].items():
+        for bp in spec["classes"].values():
+            bp["conversion_patterns"] = source_patterns(model_type)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_types", nargs="*", default=DEFAULT_TYPES)
+    ap.add_argument("model_types", nargs="*")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="write here instead of the shipped file (to run types in parallel)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=[],
+                    help="take the model types of these --out files (then generate only the types named)")
     args = ap.parse_args()
+    if not args.model_types and not args.merge:
+        args.model_types = DEFAULT_TYPES
     tv = installed_transformers()
     if tv is None:
         sys.exit("transformers is not installed")
@@ -656,6 +760,11 @@ def main() -> None:
         old = json.loads(path.read_text())
         if old.get("schema") == SCHEMA and old.get("transformers") == tv:
             out["model_types"] = {k: v for k, v in old["model_types"].items() if k not in args.model_types}
+    for part in args.merge:
+        data = json.loads(part.read_text())
+        if data.get("schema") != SCHEMA or data.get("transformers") != tv:
+            sys.exit(f"{part}: not blueprints of this schema and transformers {tv}")
+        out["model_types"].update(data["model_types"])
     for mt in args.model_types:
         try:
             # One seed per model type: regenerating some types gives what a full run gives them.
@@ -668,6 +777,7 @@ def main() -> None:
         if spec["classes"]:
             out["model_types"][mt] = spec
             print(f"{mt}: {', '.join(spec['classes'])}", file=sys.stderr)
+    refresh_conversions(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1, sort_keys=False) + "\n")

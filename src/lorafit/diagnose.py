@@ -55,6 +55,12 @@ def rule_health(adapter: Adapter, health: Health) -> list[Finding]:
     return out
 
 
+def rank_mismatch(what: str, wrong: list[str], hint: str) -> Finding:
+    """rank-mismatch: `what` ("3 modules") disagree with the config's ranks; PEFT's load fails on their sizes."""
+    return Finding("rank-mismatch", f"{what} disagree with r / rank_pattern in adapter_config.json; PEFT will fail "
+                   "with a size mismatch on load", wrong, hint=hint)
+
+
 def rule_ranks(adapter: Adapter) -> list[Finding]:
     wrong, inconsistent = [], []
     for m in adapter.modules.values():
@@ -71,9 +77,8 @@ def rule_ranks(adapter: Adapter) -> list[Finding]:
             wrong.append(f"{m.path}: tensors have r={m.rank}, config gives r={m.config_rank}")
     out = []
     if wrong:
-        out.append(Finding("rank-mismatch", f"{plural(len(wrong), 'module')} disagree with r / rank_pattern in "
-                           "adapter_config.json; PEFT will fail with a size mismatch on load", wrong,
-                           hint="set r (or a rank_pattern entry) to the tensors' rank in adapter_config.json"))
+        out.append(rank_mismatch(plural(len(wrong), "module"), wrong,
+                                 "set r (or a rank_pattern entry) to the tensors' rank in adapter_config.json"))
     if inconsistent:
         out.append(Finding("rank-inconsistent", f"{plural(len(inconsistent), 'module')} have lora_A and lora_B "
                            "of different rank: the checkpoint is corrupt", inconsistent))

@@ -80,6 +80,8 @@ class ModuleTree:
     output_embeddings: str | None = None
     source: str | None = None
     converts_keys: bool = False  # PEFT renames adapter keys on load (transformers' conversion mapping)
+    # Regexes matching every key that conversion touches (None: not known, ask PEFT whenever it converts).
+    conversion_patterns: list[str] | None = None
     # Parameters that are one tensor under several names, beyond the input/output embedding tie that
     # tie_word_embeddings describes: alias "model.encoder.embed_tokens.weight" -> "model.shared.weight" (BART).
     tied: dict[str, str] = field(default_factory=dict)

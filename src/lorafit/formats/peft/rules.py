@@ -6,7 +6,7 @@ import math
 
 from ...adapter import Adapter
 from ...align import Landing
-from ...diagnose import plural, verb
+from ...diagnose import plural, rank_mismatch, verb
 from ...findings import Finding
 from ...tree import ModuleTree
 from . import targeting
@@ -119,9 +119,8 @@ def rule_parameter_ranks(adapter: Adapter, m: Landing) -> list[Finding]:
                          f"alpha={saved_alpha:g}")
     out = []
     if wrong:
-        out.append(Finding("rank-mismatch", f"{plural(len(wrong), 'parameter LoRA')} disagree with r / rank_pattern "
-                           "in adapter_config.json; PEFT will fail with a size mismatch on load", wrong,
-                           hint="set a rank_pattern entry for the parameter to the tensors' rank per expert"))
+        out.append(rank_mismatch(plural(len(wrong), "parameter LoRA"), wrong,
+                                 "set a rank_pattern entry for the parameter to the tensors' rank per expert"))
     if moved:
         out.append(_pattern_mismatch(moved))
     return out

@@ -63,8 +63,15 @@ class TransformersRuntime:
         return Target(tree, tree.class_name, None, [], wrapped or (lambda: base))
 
     def load_renames(self, adapter: Adapter, target: Target) -> dict[str, str] | None:
-        if not target.tree.converts_keys or target.model is None:
+        tree = target.tree
+        if not tree.converts_keys or target.model is None:
             return None
+        if tree.conversion_patterns is not None:
+            from .conversion import may_convert
+
+            if not may_convert(tree.conversion_patterns, list(adapter.modules) + [x.module for x in adapter.extras],
+                               tree.base_model_prefix):
+                return {}  # no key the conversion touches: PEFT loads the adapter as saved
         from . import tree_cache
 
         # PEFT's conversion needs transformers, PEFT and a meta model (~5 s); its answer depends only on the

@@ -38,7 +38,8 @@ FREE_KEYS = frozenset({
 # mistral config.json with layer_types is read by transformers as ministral.
 FREE_IF_DEFINED = frozenset({"layer_types"})
 _TOKEN_ID = re.compile(r".*_token_ids?$")
-_FACTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
+# A factor: a config field (a nested one is dotted: text_config.hidden_size) or an integer.
+_FACTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*|\d+")
 
 
 def data_file(transformers_version: str) -> Path:
@@ -97,7 +98,23 @@ def _terms(expr: str) -> list[tuple[str, str]]:
 
 
 def is_free_key(key: str) -> bool:
-    return key in FREE_KEYS or bool(_TOKEN_ID.match(key)) or key.startswith("output_")
+    """A key that never changes a tree. In a nested config (text_config.rope_scaling) the same rules hold for its
+    last part, except model_type: a VLM's text model of another type is another tree."""
+    last = key.rsplit(".", 1)[-1]
+    if last == "model_type" and "." in key:
+        return False
+    return last in FREE_KEYS or bool(_TOKEN_ID.match(last)) or last.startswith("output_")
+
+
+def flatten(config: dict[str, Any], nested: list[str]) -> dict[str, Any]:
+    """A composite config (a VLM's text_config and vision_config) as one level of dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in nested and isinstance(value, dict):
+            out.update((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            out[key] = value
+    return out
 
 
 def canonical_keys(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, Any] | None:
@@ -128,7 +145,7 @@ def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int
         elif name in config:
             v = config[name]
         else:
-            v = default
+            v = _default(spec, config, name, default)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             return None  # transformers would reject it or build something else: let it say so
         values[name] = v
@@ -138,8 +155,10 @@ def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int
             if v is None or v <= 0:
                 return None
             values[name] = v
+    same = spec.get("equivalent") or {}  # other values the generator built into the same tree (Gemma: "gelu")
     for name, want in spec["pinned"].items():
-        if _given_or_default(config, spec, name, want) != want:
+        given = _given_or_default(config, spec, name, want)
+        if given != want and given not in same.get(name, []):
             return None
     if any(name in config and not isinstance(config[name], bool) for name in spec["bools"]):
         return None
@@ -188,7 +207,16 @@ def _given_or_default(config: dict[str, Any], spec: dict[str, Any], name: str, d
     """The config's value, else the class default; a missing derived field has no value lorafit knows."""
     if name in config:
         return config[name]
-    return _UNKNOWN if name in spec["derived"] else default
+    return _UNKNOWN if name in spec["derived"] else _default(spec, config, name, default)
+
+
+def _default(spec: dict[str, Any], config: dict[str, Any], name: str, default: Any) -> Any:
+    """The value transformers gives a field config.json leaves out. A VLM's sub-config that config.json gives
+    (even in part) fills the rest from its own class's defaults, not from the composite's default sub-config."""
+    sub, dot, _ = name.partition(".")
+    if dot and any(k.startswith(sub + ".") for k in config):
+        return (spec.get("nested_defaults") or {}).get(name, _UNKNOWN)
+    return default
 
 
 def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | None = None) -> ModuleTree | None:
@@ -208,7 +236,7 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
     canonical = canonical_keys(spec, config)
     if canonical is None:
         return None
-    config = canonical
+    config = flatten(canonical, spec.get("nested") or [])
     values = resolve_sizes(spec, config)
     if values is None:
         return None
@@ -223,10 +251,12 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
         class_name=concrete, modules=modules, model_type=model_type, base_model_prefix=bp["base_model_prefix"],
         can_generate=bp["can_generate"], implied_task_type=bp["implied_task_type"],
         vocab_size=evaluate(bp["vocab_size"], values),
-        tie_word_embeddings=bool(config.get(tie["field"], spec["bools"][tie["field"]]) if "field" in tie
+        tie_word_embeddings=bool(_given_or_default(config, spec, tie["field"], spec["bools"][tie["field"]])
+                                 if "field" in tie
                                  else tie["value"]),
         input_embeddings=bp["input_embeddings"], output_embeddings=bp["output_embeddings"], source=source,
         converts_keys=bp["converts_keys"], tied=dict(bp["tied"]), origin="blueprint",
+        conversion_patterns=bp.get("conversion_patterns"),
     )
 
 

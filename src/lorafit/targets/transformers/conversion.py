@@ -18,6 +18,33 @@ from ...formats.peft.reader import PEFT_PREFIX, split_key
 from ...tree import StoredPart
 
 
+def source_patterns(model_type: str | None) -> list[str]:
+    """Regexes that match (at least) every key transformers' conversion for this model type renames or fuses.
+
+    A renaming's source is a regex already; a fusion's is a tensor name whose `*` stands for an expert index,
+    matched without its `.weight` against module paths. An adapter none of whose module paths any of them
+    matches is loaded as saved, which a check can tell without PEFT or transformers.
+    """
+    out = []
+    for rule in _conversion_rules(model_type):
+        for pattern in getattr(rule, "source_patterns", None) or []:
+            p = str(pattern)
+            if type(rule).__name__ != "WeightRenaming":  # a tensor name: matched here against module paths
+                p = re.escape(p.removesuffix(".weight")).replace(r"\*", ".*")
+            out.append(p)
+    return out
+
+
+def may_convert(patterns: list[str], paths: list[str], prefix: str) -> bool:
+    """Whether some module path, as saved or without the model's base_model_prefix, may match a conversion pattern."""
+    compiled = [re.compile(p) for p in patterns]
+    for path in paths:
+        variants = [path, path.removeprefix(prefix + ".")] if prefix else [path]
+        if any(c.search(v) for c in compiled for v in variants):
+            return True
+    return False
+
+
 def has_conversion(model_type: str | None) -> bool:
     """True when transformers registers a checkpoint conversion for this model type."""
     if not model_type:

@@ -49,7 +49,7 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
     """Build the tree of a live model (a PeftModel is unwrapped to the model PEFT wraps)."""
     import torch
 
-    from .conversion import has_conversion
+    from .conversion import has_conversion, source_patterns
 
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
@@ -86,6 +86,7 @@ def tree_from_module(model: Any, source: str | None = None) -> ModuleTree:
         tie_word_embeddings=bool(_tied(config)),
         input_embeddings=in_emb, output_embeddings=out_emb, source=source,
         converts_keys=has_conversion(getattr(config, "model_type", None)),
+        conversion_patterns=source_patterns(getattr(config, "model_type", None)),
     )
 
 

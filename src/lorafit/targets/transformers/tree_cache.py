@@ -19,7 +19,7 @@ from typing import Any
 from ...adapter import Adapter
 from ...tree import ModuleInfo, ModuleTree
 
-_SCHEMA = "tree/3"
+_SCHEMA = "tree/4"
 
 
 def _cache_dir() -> Path:
