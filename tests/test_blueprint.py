@@ -52,8 +52,19 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
                   num_key_value_heads=2, pad_token_id=0)],
     "gpt2": [dict(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=64),
              dict(vocab_size=80, n_embd=24, n_layer=3, n_head=3, num_labels=4, tie_word_embeddings=False)],
-    "opt": [dict(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=64, word_embed_proj_dim=16, pad_token_id=1)],
+    "qwen2_vl": [dict(text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2),
+                      vision_config=dict(depth=2, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2,
+                                         patch_size=2, spatial_merge_size=2, temporal_patch_size=2))],
+    "qwen2_5_vl": [dict(text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2),
+                        vision_config=dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2,
+                                           out_hidden_size=32, patch_size=2, spatial_merge_size=2,
+                                           temporal_patch_size=2, window_size=8))],
+    # OPT's blueprint is for the shape whose projection is as wide as its hidden size at 768 (opt-125m/350m):
+    # project_in/out exist or not by the two sizes' equality, which a size expression cannot say.
+    "opt": [dict(vocab_size=64, hidden_size=768, ffn_dim=32, num_hidden_layers=2, num_attention_heads=12,
+                 max_position_embeddings=64, word_embed_proj_dim=768, pad_token_id=1)],
     "bert": [dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                   max_position_embeddings=64, num_labels=3)],
     "mixtral": [dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
@@ -159,7 +170,7 @@ def test_blueprints_ship_for_the_pinned_transformers() -> None:
 @pytest.mark.parametrize("full", [False, True], ids=["saved", "full"])
 def test_blueprint_equals_the_meta_build(tmp_path: Path, model_type: str, full: bool) -> None:
     assert model_type in VARIANTS, f"add hand-picked configs for {model_type} to VARIANTS"
-    spec = DATA["model_types"][model_type]
+    spec = blueprint.specs_of(DATA, model_type)[0]
     for i, kw in enumerate(VARIANTS[model_type]):
         cj = _config_json(tmp_path / str(i), model_type, kw, full)
         for auto, concrete in spec["auto"].items():
@@ -167,6 +178,28 @@ def test_blueprint_equals_the_meta_build(tmp_path: Path, model_type: str, full: 
             assert drawn is not None, (model_type, auto, kw)
             assert_same_tree(drawn, _built(cj, concrete))
             assert tree_from_blueprint(cj, concrete) is not None
+
+
+def test_real_configs_of_structural_variants_are_their_meta_builds(tmp_path: Path) -> None:
+    """Each spec a model type has beyond its first was made for the structure of a real config (flan-T5's gated FFN,
+    Gemma-3's vision tower without its head): those real configs get a tree, and it is the meta build."""
+    configs = Path(__file__).resolve().parent.parent / "bench" / "configs"
+    checked = 0
+    for path in sorted(configs.glob("*.json")):
+        cj = json.loads(path.read_text())
+        specs = blueprint.specs_of(DATA, cj.get("model_type", ""))
+        if len(specs) < 2:
+            continue
+        for auto in specs[0]["auto"]:
+            drawn = tree_from_blueprint(cj, auto)
+            assert drawn is not None, (path.name, auto)
+            assert_same_tree(drawn, _built(cj, auto))
+            checked += 1
+        # Left out, a structural field takes the class default, not the variant's value: right or no answer.
+        for spec in specs[1:]:
+            for key in [k for k in spec["base"] if "." not in k and k in cj]:
+                assert_right_or_none({k: v for k, v in cj.items() if k != key}, specs[0]["auto"]["AutoModel"])
+    assert checked
 
 
 AUTOS = ["AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
@@ -339,7 +372,7 @@ def any_small_config(draw: Any) -> tuple[dict[str, Any], str]:
         cj["tie_word_embeddings"] = draw(st.booleans())
     if draw(st.booleans()):
         cj["num_labels"] = draw(st.integers(1, 5))
-    spec = DATA["model_types"][model_type]
+    spec = blueprint.specs_of(DATA, model_type)[0]
     return {"model_type": model_type, **cj}, draw(st.sampled_from(sorted(spec["auto"])))
 
 

@@ -97,7 +97,7 @@ def infer(points: list[dict[str, int]], targets: list[int | None]) -> int | str 
         if found:
             raise Unsupported(f"sizes {ts} fit {sorted(found)}")
     found = (_sums(points, ts, [m for tier in tiers for m in tier]) or _patches(points, ts, fields)
-             or _offsets(points, ts, fields))
+             or _offsets(points, ts, fields) or _times_square(points, ts, fields))
     if len(found) == 1:
         return found.pop()
     raise Unsupported(f"sizes {ts} fit {sorted(found)}" if found else f"no expression explains sizes {ts}")
@@ -153,6 +153,12 @@ def _patches(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> 
             if all((p[f] // p[g]) ** 2 + extra == t for p, t in zip(points, ts, strict=True)):
                 found.add(f"{f}*{f}/{g}/{g}" + ("+1" if extra else ""))
     return found
+
+
+def _times_square(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> set[str]:
+    """A field times the square of another: Idefics3's connector takes vision_hidden * scale_factor^2 features."""
+    return {f"{f}*{g}*{g}" for f, g in itertools.permutations(fields, 2)
+            if all(p[f] * p[g] * p[g] == t for p, t in zip(points, ts, strict=True))}
 
 
 def _offsets(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> set[str]:
@@ -296,14 +302,20 @@ def _same_tree(a: ModuleTree, b: ModuleTree, ignore: tuple[str, ...] = ()) -> bo
         getattr(a, f) == getattr(b, f) for f in _TREE_ATTRS if f not in ignore)
 
 
-def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str, Any], list[str]]:
+def model_type_blueprint(model_type: str, rng: random.Random,
+                         base: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The spec of a model type; with `base`, of the variant whose structural fields take those values."""
     from transformers import CONFIG_MAPPING
 
     config_cls = CONFIG_MAPPING[model_type]
     # A composite config (a VLM's text_config, vision_config) is handled as one level of dotted keys.
     nested = [n for n in (getattr(config_cls, "sub_configs", None) or {})]
-    default = flatten(config_cls().to_dict(), nested)
-    build = _builder(config_cls, nested)
+    build_any = _builder(config_cls, nested)
+
+    def build(changes: dict[str, Any]) -> Any:
+        return build_any({**(base or {}), **changes})
+
+    default = flatten(build({}).to_dict(), nested)
     sizes = {k: v for k, v in default.items() if isinstance(v, int) and not isinstance(v, bool)
              and v != 0 and not is_free_key(k)}
     sizes["num_labels"] = 2
@@ -379,7 +391,7 @@ def model_type_blueprint(model_type: str, rng: random.Random) -> tuple[dict[str,
         derived.pop(name, None)
     spec = {"sizes": sizes, "bools": bools, "pinned": pinned, "free": free, "derived": derived,
             "aliases": dict(getattr(config_cls, "attribute_map", {}) or {}), "nested": nested,
-            "equivalent": equivalent,
+            "equivalent": equivalent, "base": dict(base or {}), "lift": _lifted_sub(config_cls, nested),
             "nested_defaults": _nested_defaults(config_cls, nested),
             "divides": _with_defaults(_divides(out_classes, derived, points)
                                       + _enforced(default, classes, make_config), default),
@@ -448,14 +460,22 @@ def _enforced(default: dict[str, Any], classes: dict[str, type], make_config: An
 def _builder(config_cls: type, nested: list[str]) -> Any:
     """changes (dotted keys for nested fields) -> a config: each touched sub-config is given whole, its defaults
     with the changes applied, so that it keeps its own model_type."""
-    defaults = config_cls().to_dict()
+    composite = config_cls()
+    # Of each default sub-config, only what differs from its class's own defaults (and its model_type): a field
+    # the class derives (Gemma-3's layer_types from num_hidden_layers) must be derived again from the changes.
+    bases: dict[str, dict[str, Any]] = {}
+    for sub in nested:
+        part = getattr(composite, sub, None)
+        if part is not None:
+            own = type(part)().to_dict()
+            bases[sub] = {k: v for k, v in part.to_dict().items() if own.get(k) != v or k == "model_type"}
 
     def build(changes: dict[str, Any]) -> Any:
         kwargs: dict[str, Any] = {}
         for key, value in changes.items():
             sub, _, field = key.partition(".")
             if field and sub in nested:
-                kwargs.setdefault(sub, dict(defaults.get(sub) or {}))[field] = value
+                kwargs.setdefault(sub, dict(bases.get(sub) or {}))[field] = value
             else:
                 kwargs[key] = value
         return config_cls(**kwargs)
@@ -472,6 +492,22 @@ def _nested_defaults(config_cls: type, nested: list[str]) -> dict[str, Any]:
         if part is not None:
             out.update(flatten({sub: type(part)().to_dict()}, [sub]))
     return out
+
+
+def _lifted_sub(config_cls: type, nested: list[str]) -> str | None:
+    """The sub-config a flat config's fields move into when it gives none (Qwen2-VL's text_config), or None."""
+    for sub in nested:
+        part = getattr(config_cls(), sub, None)
+        fields = [k for k, v in (part.to_dict() if part is not None else {}).items()
+                  if isinstance(v, int) and not isinstance(v, bool) and v > 1]
+        for field in fields[:1]:
+            try:
+                probe = config_cls(**{field: getattr(part, field) + 1})
+            except Exception:
+                continue
+            if getattr(getattr(probe, sub, None), field, None) == getattr(part, field) + 1:
+                return sub
+    return None
 
 
 def _value(config: Any, key: str) -> Any:
@@ -566,10 +602,18 @@ def _optional_sizes(config_cls: type, default: dict[str, Any], classes: dict[str
 
 def _hub_extras(model_type: str) -> dict[str, list[Any]]:
     """Every key of a real config (or its nested text/vision config) of `model_type`, with values to try it at."""
+    from transformers import CONFIG_MAPPING
+
+    config_cls = CONFIG_MAPPING[model_type]
+    sub = _lifted_sub(config_cls, list(getattr(config_cls, "sub_configs", None) or {}))
+    sub_fields = set(getattr(config_cls(), sub).to_dict()) if sub else set()
     seen: dict[str, Any] = {}
     for path in sorted(HUB_CONFIGS.glob("*.json")):
         config = json.loads(path.read_text())
-        nested = [k for k, v in config.items() if isinstance(v, dict) and "model_type" in v]
+        if sub and sub not in config and config.get("model_type") == model_type:  # as the config class reads it
+            config = {**{k: v for k, v in config.items() if k not in sub_fields},
+                      sub: {k: v for k, v in config.items() if k in sub_fields}}
+        nested = [k for k, v in config.items() if isinstance(v, dict) and ("model_type" in v or k == sub)]
         parts = [flatten(config, nested)] + [v for k, v in config.items() if k in nested]
         for part in parts:
             if part.get("model_type") == model_type:
@@ -731,13 +775,103 @@ def _derived(build: Any, nested: list[str], default: dict[str, Any], sizes: dict
     return out
 
 
+def checked_on_real_configs(model_type: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec` without the classes whose tree for a real config of the type (bench/configs/) is not its meta build.
+
+    The probes vary sizes one config family at a time; a real config may combine values no probe did (OPT's
+    projection as wide as its hidden size). Where the spec answers for one, its answer must be the meta build.
+    """
+    import tempfile
+
+    from lorafit.targets.transformers.blueprint import _tree_from_spec
+    from lorafit.targets.transformers.resolve import load_config, resolve_class
+
+    for path in sorted(HUB_CONFIGS.glob("*.json")):
+        config = json.loads(path.read_text())
+        if config.get("model_type") != model_type:
+            continue
+        for name in list(spec["classes"]):
+            drawn = _tree_from_spec(spec, config, model_type, name, None)
+            if drawn is None:
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                (Path(d) / "config.json").write_text(json.dumps(config))
+                cfg = load_config(Path(d))
+                built = tree_from_module(build_meta_model(resolve_class(name, cfg), cfg))
+            if not _same_tree(drawn, built, ignore=("source",)):
+                print(f"dropped {model_type}/{name}: its tree for {path.name} is not the meta build", file=sys.stderr)
+                del spec["classes"][name]
+                spec["auto"] = {a: c for a, c in spec["auto"].items() if c != name}
+    return spec
+
+
+def structural_variants(model_type: str, spec: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """The structural settings of real configs (bench/configs/) that `spec` does not cover, one dict each.
+
+    A pinned field or a pinned boolean with another value (flan-T5's gated-gelu FFN, Gemma-3's vision tower without
+    its head, OPT's projection width), or a key the spec does not know (DeBERTa-v3's norm_rel_ebd).
+    """
+    from lorafit.targets.transformers.blueprint import canonical_keys, lift
+
+    known = set(spec["sizes"]) | set(spec["pinned"]) | set(spec["free"]) | set(spec["bools"])
+    same = spec.get("equivalent") or {}
+    bools = {k: v for bp in spec["classes"].values() for k, v in bp["pinned_bools"].items()}
+    out: list[tuple[Path, dict[str, Any]]] = []
+    for path in sorted(HUB_CONFIGS.glob("*.json")):
+        config = json.loads(path.read_text())
+        if config.get("model_type") != model_type:
+            continue
+        flat = flatten(lift(spec, canonical_keys(spec, config) or {}), spec.get("nested") or [])
+        base = {k: flat[k] for k, v in spec["pinned"].items() if k in flat and flat[k] != v
+                and flat[k] not in same.get(k, [])}
+        base.update({k: flat[k] for k, v in bools.items() if k in flat and flat[k] != v})
+        base.update({k: v for k, v in flat.items() if k not in known and not is_free_key(k)
+                     and k not in LOAD_TIME_KEYS})
+        if base and base not in [b for _, b in out]:
+            out.append((path, base))
+    return out
+
+
+def variant_for(model_type: str, spec: dict[str, Any], path: Path, base: dict[str, Any],
+                seed: int) -> dict[str, Any] | None:
+    """The spec whose base is the structural setting of the real config at `path`, or None.
+
+    A setting can bring out more structure (DeBERTa's relative attention makes pos_att_type and position_buckets
+    shape modules): what the variant still misses of that config joins the base, a few rounds at most.
+    """
+    for _ in range(3):
+        variant, _ = model_type_blueprint(model_type, random.Random(f"{seed}:{model_type}:{sorted(base)}"), base)
+        variant = checked_on_real_configs(model_type, variant)
+        more = dict(next((b for p, b in structural_variants(model_type, variant) if p == path), {}))
+        if not more:
+            return variant if variant["classes"] else None
+        base = {**base, **more}
+    return None
+
+
+def _main_specs(mt: str, spec: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """The spec of a model type and one per structural variant its real configs need."""
+    specs = [spec]
+    for path, base in structural_variants(mt, spec):
+        try:
+            variant = variant_for(mt, spec, path, base, seed)
+        except Exception as e:
+            print(f"skipped {mt} for {path.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            continue
+        if variant is not None:
+            specs.append(variant)
+            print(f"{mt} for {path.name}: {', '.join(variant['classes'])}", file=sys.stderr)
+    return specs
+
+
 def refresh_conversions(out: dict[str, Any]) -> None:
     """Every class's conversion_patterns from the installed transformers (cheap: no model is built)."""
     from lorafit.targets.transformers.conversion import source_patterns
 
-    for model_type, spec in out["model_types"].items():
-        for bp in spec["classes"].values():
-            bp["conversion_patterns"] = source_patterns(model_type)
+    for model_type, entry in out["model_types"].items():
+        for spec in entry if isinstance(entry, list) else [entry]:
+            for bp in spec["classes"].values():
+                bp["conversion_patterns"] = source_patterns(model_type)
 
 
 def main() -> None:
@@ -774,9 +908,12 @@ def main() -> None:
             continue
         for s in skipped:
             print(f"skipped {s}", file=sys.stderr)
-        if spec["classes"]:
-            out["model_types"][mt] = spec
-            print(f"{mt}: {', '.join(spec['classes'])}", file=sys.stderr)
+        spec = checked_on_real_configs(mt, spec)
+        if not spec["classes"]:
+            continue
+        specs = _main_specs(mt, spec, args.seed)
+        out["model_types"][mt] = specs if len(specs) > 1 else spec
+        print(f"{mt}: {', '.join(spec['classes'])}", file=sys.stderr)
     refresh_conversions(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

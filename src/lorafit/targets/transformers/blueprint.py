@@ -106,6 +106,18 @@ def is_free_key(key: str) -> bool:
     return last in FREE_KEYS or bool(_TOKEN_ID.match(last)) or last.startswith("output_")
 
 
+def lift(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """A flat hub config of a composite type, as its config class reads it: Qwen2-VL's hub files keep the text
+    model's fields at the top, and Qwen2VLConfig moves those into text_config when none is given."""
+    sub = spec.get("lift")
+    if not sub or sub in config:
+        return config
+    fields = {k.split(".", 1)[1] for group in ("sizes", "pinned", "free", "bools") for k in spec[group]
+              if k.startswith(sub + ".")}
+    moved = {k: v for k, v in config.items() if k in fields}
+    return {**{k: v for k, v in config.items() if k not in moved}, sub: moved}
+
+
 def flatten(config: dict[str, Any], nested: list[str]) -> dict[str, Any]:
     """A composite config (a VLM's text_config and vision_config) as one level of dotted keys."""
     out: dict[str, Any] = {}
@@ -228,7 +240,23 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
     model_type = config.get("model_type")
     if data is None or not isinstance(model_type, str) or model_type not in data["model_types"]:
         return None
-    spec = data["model_types"][model_type]
+    entry = data["model_types"][model_type]
+    # One spec per structure real configs of the type have (T5's relu and gated FFNs): the first that answers.
+    for spec in entry if isinstance(entry, list) else [entry]:
+        tree = _tree_from_spec(spec, config, model_type, class_name, source)
+        if tree is not None:
+            return tree
+    return None
+
+
+def specs_of(data: dict[str, Any], model_type: str) -> list[dict[str, Any]]:
+    """The specs of a model type: one, or one per structural variant."""
+    entry = data["model_types"].get(model_type)
+    return [] if entry is None else entry if isinstance(entry, list) else [entry]
+
+
+def _tree_from_spec(spec: dict[str, Any], config: dict[str, Any], model_type: str, class_name: str,
+                    source: str | None) -> ModuleTree | None:
     concrete = spec["auto"].get(class_name, class_name)
     bp = spec["classes"].get(concrete)
     if bp is None:
@@ -236,7 +264,10 @@ def tree_from_blueprint(config: dict[str, Any], class_name: str, source: str | N
     canonical = canonical_keys(spec, config)
     if canonical is None:
         return None
-    config = flatten(canonical, spec.get("nested") or [])
+    config = flatten(lift(spec, canonical), spec.get("nested") or [])
+    # A structural variant answers only a config that says so: left out, a field takes the class default.
+    if any(config.get(k, _UNKNOWN) != v for k, v in (spec.get("base") or {}).items()):
+        return None
     values = resolve_sizes(spec, config)
     if values is None:
         return None
