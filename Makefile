@@ -31,6 +31,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py
+	$(PY) bench/bench_families.py
 
 # Regenerate src/lorafit/blueprints/ for the pinned transformers (a few minutes); commit the result.
 blueprints: $(STAMP)

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ from bench_merge import PY, ROOT, ratio, run  # noqa: E402  (one job runner for 
 CONFIGS = ROOT / "bench" / "configs"
 RESULTS = ROOT / "bench" / "results"
 # Attention projections by the names the families give them; the adapter targets those the class has.
-ATTENTION = ["q_proj", "v_proj", "query", "value", "c_attn", "q", "v", "query_key_value", "qkv_proj", "Wqkv",
-             "self_attn.k_proj"]
+ATTENTION = ["q_proj", "v_proj", "query", "value", "query_proj", "value_proj", "c_attn", "q", "v", "query_key_value",
+             "qkv_proj", "Wqkv", "q_b_proj", "kv_b_proj"]
 CLASSES = [("AutoModelForCausalLM", "CAUSAL_LM"), ("AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM"),
            ("AutoModelForImageTextToText", None), ("AutoModel", None)]
 SIZES = {"dense": ["llama-3.2-1b", "llama-3.1-8b", "llama-3.1-70b"], "moe": ["qwen3-30b-a3b", "qwen3-235b-a22b"]}
@@ -124,14 +125,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "families")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--setup", help=argparse.SUPPRESS)  # internal: write the inputs and their manifest here
     args = ap.parse_args()
     os.environ["LORAFIT_NO_CACHE"] = "1"  # setting up the inputs must not fill the user's tree cache
     names = sorted(p.stem for p in CONFIGS.glob("*.json"))
     if args.only:
         names = [n for n in names if n in args.only]
+    if args.setup:
+        made = {n: make_inputs(n, json.loads((CONFIGS / f"{n}.json").read_text()), args.work) for n in names}
+        Path(args.setup).write_text(json.dumps(made, default=str))
+        return
+    # The inputs are made in a child: this process stays small, since a child it forks starts its peak RSS
+    # (what wait4 reports) at this process's size.
+    manifest = args.work / "inputs.json"
+    args.work.mkdir(parents=True, exist_ok=True)
+    subprocess.run([PY, __file__, "--work", str(args.work), "--setup", str(manifest), *(
+        ["--only", *args.only] if args.only else [])], check=True)
+    made = json.loads(manifest.read_text())
     rows: list[dict[str, Any]] = []
     for name in names:
-        inputs = make_inputs(name, json.loads((CONFIGS / f"{name}.json").read_text()), args.work)
+        inputs = made.get(name)
         if inputs is None:
             print(f"{name}: no class builds it, skipped", flush=True)
             continue

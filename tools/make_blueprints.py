@@ -96,7 +96,10 @@ def infer(points: list[dict[str, int]], targets: list[int | None]) -> int | str 
             return found.pop()
         if found:
             raise Unsupported(f"sizes {ts} fit {sorted(found)}")
-    found = (_sums(points, ts, [m for tier in tiers for m in tier]) or _patches(points, ts, fields)
+    # Sums of two terms are searched over every pair of monomials: with many fields (a VLM's two configs, DeepSeek)
+    # the third tier's pairs run to hundreds of millions, so only the first two tiers take part there.
+    monomials = [m for tier in (tiers if len(fields) <= 20 else tiers[:2]) for m in tier]
+    found = (_sums(points, ts, monomials) or _patches(points, ts, fields)
              or _offsets(points, ts, fields) or _times_square(points, ts, fields))
     if len(found) == 1:
         return found.pop()

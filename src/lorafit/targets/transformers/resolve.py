@@ -87,9 +87,7 @@ def custom_code_finding(model_dir: Path, config: dict[str, Any]) -> Finding | No
                     for v in (v if isinstance(v, list) else [v]) if v})
     files = ", ".join(names) or "custom code"
     model_type = config.get("model_type")
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+    if not isinstance(model_type, str) or not _built_in(model_type):
         raise CustomCodeRequired(Finding(
             "custom-code-required", f"model type {model_type!r} is defined only by custom code ({files}, via "
             "auto_map); lorafit never runs code from a model directory (trust_remote_code=False), so it cannot "
@@ -130,6 +128,32 @@ def unloaded_weights_finding(md: ModelDir, tree: ModuleTree) -> Finding | None:
                    f"transformers leaves the other {len(absent)} at random init, with only a warning, so the "
                    "model is not the base the adapter was trained on", absent,
                    hint=f"load the base with {saved} (--class {saved})" if saved else None)
+
+
+def _built_in(model_type: str) -> bool:
+    """Whether transformers itself defines the model type: a shipped blueprint says so without importing it."""
+    from . import tree_cache
+    from .blueprint import data_file, installed_transformers
+
+    tv = installed_transformers()
+    if tv is not None and model_type in (_load_blueprints(data_file(tv)) or {}).get("model_types", {}):
+        return True
+    # Else transformers' own table (importing it costs ~2 s); a yes is kept in the tree cache for the next check.
+    known = f"built-in.{tv}.{model_type}.json"
+    if tree_cache.read_document(known) is True:
+        return True
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_type in CONFIG_MAPPING_NAMES:
+        tree_cache.write_document(known, True)
+        return True
+    return False
+
+
+def _load_blueprints(path: Path) -> dict[str, Any] | None:
+    from .blueprint import _load
+
+    return _load(path)
 
 
 def resolve_model_dir(model: str | Path) -> Path:

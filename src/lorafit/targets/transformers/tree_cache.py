@@ -44,7 +44,7 @@ def cache_key(config_bytes: bytes, class_name: str) -> str:
     return h.hexdigest()[:32]
 
 
-def _read(name: str) -> Any:
+def read_document(name: str) -> Any:
     """The cached JSON document `name`, or None (missing, disabled, or unreadable: then it is rebuilt)."""
     if os.environ.get("LORAFIT_NO_CACHE"):
         return None
@@ -54,7 +54,7 @@ def _read(name: str) -> Any:
         return None
 
 
-def _write(name: str, data: Any) -> None:
+def write_document(name: str, data: Any) -> None:
     """Write a cached JSON document atomically; a cache that cannot be written is silently skipped."""
     if os.environ.get("LORAFIT_NO_CACHE"):
         return
@@ -80,19 +80,19 @@ def renames_key(target_key: str, adapter: Adapter) -> str:
 
 def load_renames(key: str) -> dict[str, str] | None:
     """Cached renames (module path -> path PEFT loads it under) for `renames_key`, or None."""
-    data = _read(f"{key}.renames.json")
+    data = read_document(f"{key}.renames.json")
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         return None
     return data
 
 
 def store_renames(key: str, renames: dict[str, str]) -> None:
-    _write(f"{key}.renames.json", renames)
+    write_document(f"{key}.renames.json", renames)
 
 
 def load(key: str) -> ModuleTree | None:
     """The cached tree for `key`, or None (missing, disabled, or unreadable: then it is rebuilt)."""
-    data = _read(f"{key}.json")
+    data = read_document(f"{key}.json")
     if data is None:
         return None
     try:
@@ -106,4 +106,4 @@ def load(key: str) -> ModuleTree | None:
 
 def store(key: str, tree: ModuleTree) -> None:
     """Write the tree atomically; a cache that cannot be written is silently skipped."""
-    _write(f"{key}.json", asdict(tree))
+    write_document(f"{key}.json", asdict(tree))
