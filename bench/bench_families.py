@@ -125,6 +125,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work" / "families")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--update", action="store_true", help="with --only: replace those rows of the last results")
     ap.add_argument("--setup", help=argparse.SUPPRESS)  # internal: write the inputs and their manifest here
     args = ap.parse_args()
     os.environ["LORAFIT_NO_CACHE"] = "1"  # setting up the inputs must not fill the user's tree cache
@@ -161,6 +162,10 @@ def main() -> None:
                      "modules": inputs["modules"], "path": (report.get("target") or {}).get("tree_from"),
                      "ok": report.get("ok"), "cold": _job(cold), "warm": _job(warm), "stock": _job(stock)})
     RESULTS.mkdir(exist_ok=True)
+    if args.update and (RESULTS / "families.json").exists():
+        fresh = {r["name"] for r in rows}
+        old = [r for r in json.loads((RESULTS / "families.json").read_text()) if r["name"] not in fresh]
+        rows = sorted(old + rows, key=lambda r: r["name"])
     (RESULTS / "families.json").write_text(json.dumps(rows, indent=1) + "\n")
     (RESULTS / "families.md").write_text(render(rows))
     print(f"wrote {RESULTS / 'families.md'}")

@@ -136,3 +136,15 @@ def test_a_warm_check_of_a_converting_model_type_imports_nothing_heavy(llava: tu
     warm = python(script, old, base, env=env, check=True).out.strip()
     assert cold == "True load-time-conversion 6 meta ['peft', 'torch', 'transformers']"
     assert warm == "True load-time-conversion 6 cache []"
+
+
+def test_a_first_check_of_a_new_layout_adapter_imports_nothing_heavy(llava: tuple[Path, Path, Path, PeftModel]
+                                                                      ) -> None:
+    """Llava has a blueprint; none of a new-layout adapter's paths matches what transformers' conversion touches,
+    so the first check asks neither PEFT nor transformers, and says what stock PEFT does (it lands)."""
+    base, _old, new, _pm = llava
+    script = ("import sys; from lorafit.api.check import check; r = check(sys.argv[1], sys.argv[2], "
+              "'LlavaForConditionalGeneration'); print(r.ok, r.target['tree_from'], "
+              "sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = python(script, new, base, env={"LORAFIT_NO_CACHE": "1"}, check=True).out.strip()
+    assert out == "True blueprint []"

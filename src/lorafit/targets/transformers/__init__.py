@@ -69,8 +69,7 @@ class TransformersRuntime:
         if tree.conversion_patterns is not None:
             from .conversion import may_convert
 
-            if not may_convert(tree.conversion_patterns, list(adapter.modules) + [x.module for x in adapter.extras],
-                               tree.base_model_prefix):
+            if not may_convert(tree.conversion_patterns, list(adapter.modules) + [x.module for x in adapter.extras]):
                 return {}  # no key the conversion touches: PEFT loads the adapter as saved
         from . import tree_cache
 

@@ -35,14 +35,14 @@ def source_patterns(model_type: str | None) -> list[str]:
     return out
 
 
-def may_convert(patterns: list[str], paths: list[str], prefix: str) -> bool:
-    """Whether some module path, as saved or without the model's base_model_prefix, may match a conversion pattern."""
+def may_convert(patterns: list[str], paths: list[str]) -> bool:
+    """Whether some module path as saved may match a conversion pattern.
+
+    PEFT's conversion first maps `base_model.model.model.` to `model.` and `base_model.model.` to nothing, so
+    transformers' patterns meet the module path as saved; one no pattern matches keeps its name.
+    """
     compiled = [re.compile(p) for p in patterns]
-    for path in paths:
-        variants = [path, path.removeprefix(prefix + ".")] if prefix else [path]
-        if any(c.search(v) for c in compiled for v in variants):
-            return True
-    return False
+    return any(c.search(path) for c in compiled for path in paths)
 
 
 def has_conversion(model_type: str | None) -> bool:
