@@ -209,8 +209,9 @@ def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
         else:
             owners.setdefault(target if e.kind != "param" else f"{target}{e.wrapper}", []).append(e.path)
             m.pairs[e.path] = target
-            if e.kind == "param":
-                m.params[e.path] = adapted_parameter(e, tree.modules[target])  # type: ignore[assignment]
+            found = adapted_parameter(e, tree.modules[target]) if e.kind == "param" else None
+            if isinstance(found, tuple):  # _fits passed, so it is the (parameter, experts) it adapts
+                m.params[e.path] = found
     for target, paths in owners.items():
         if len(paths) > 1:
             m.collisions[target] = paths

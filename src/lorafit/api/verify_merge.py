@@ -86,8 +86,8 @@ def _parameter_delta(f: _Factors, rows: slice, window: tuple[int, int, int] | No
     if window is not None:
         e, start, stop = window
         pick = slice(e, e + 1)
-        return tuple(d.scaling * parameter_product(a, b, d, pick)[0, start:stop][rows]  # type: ignore[return-value]
-                     for a, b in ((f.a, f.b), (f.abs_a, f.abs_b)))
+        delta = d.scaling * parameter_product(f.a, f.b, d, pick)[0, start:stop][rows]
+        return delta, d.scaling * parameter_product(f.abs_a, f.abs_b, d, pick)[0, start:stop][rows]
     if d.experts == 1:
         return d.scaling * (f.b[rows] @ f.a), d.scaling * (f.abs_b[rows] @ f.abs_a)
     return d.scaling * parameter_product(f.a, f.b, d, rows), d.scaling * parameter_product(f.abs_a, f.abs_b, d, rows)
