@@ -85,6 +85,9 @@ def _merged(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_peft_saves_nested_parameter_wrappers(qwen3_moe: dict[str, Path]) -> None:
+    code, report = cli_json("inspect", qwen3_moe["adapter"])
+    assert code == 0 and report["adapter"]["coverage"]["by_module"] == {
+        "experts[down_proj/gate_up_proj]": "0-1", "q_proj": "0-1", "v_proj": "0-1"}  # not "base_layer"
     cfg = json.loads((qwen3_moe["adapter"] / "adapter_config.json").read_text())
     assert sorted(cfg["target_parameters"]) == ["down_proj", "gate_up_proj"] and cfg["rank_pattern"]
     keys = set(adapter_tensors(qwen3_moe["adapter"]))

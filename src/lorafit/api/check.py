@@ -49,9 +49,11 @@ def _coverage(adapter: Adapter) -> dict[str, Any]:
     """Layer x module-name cells the adapter covers, e.g. {'q_proj': '0-31', 'v_proj': '0-15,17'}."""
     cells: dict[str, set[int]] = {}
     other: list[str] = []
-    for path in adapter.modules:
+    for path, mod in adapter.modules.items():
         m = re.search(r"\.(\d+)\.", path + ".")
         name = path.rsplit(".", 1)[-1]
+        if mod.kind == "param":  # a LoRA on parameters of a module (MoE experts): the module and what it may adapt
+            name = f"{path[: len(path) - len(mod.wrapper)].rsplit('.', 1)[-1]}[{'/'.join(sorted(mod.per_param))}]"
         if m:
             cells.setdefault(name, set()).add(int(m.group(1)))
         else:
