@@ -187,3 +187,12 @@ def test_a_first_check_of_a_moe_adapter_imports_nothing_heavy(qwen3_moe: dict[st
               "if m in sys.modules))")
     out = python(script, qwen3_moe["adapter"], qwen3_moe["base"], env={"LORAFIT_NO_CACHE": "1"}, check=True).out
     assert out.strip() == "True blueprint []"
+
+
+def test_target_parameters_as_a_string_is_bad_input(qwen3_moe: dict[str, Path], tmp_path: Path) -> None:
+    """PEFT takes target_parameters only as a list; read as a string it would be matched letter by letter."""
+    from helpers import assert_one_line_error
+
+    adapter = _copy(qwen3_moe["adapter"], tmp_path / "str", target_parameters="gate_up_proj")
+    code, out, err = cli("inspect", adapter)
+    assert_one_line_error(code, out, err, "adapter_config.json", "target_parameters must be a list of names")

@@ -164,9 +164,6 @@ def adapted_parameter(entry: Entry, info: ModuleInfo) -> tuple[str, int] | str:
 def _fits(entry: Entry, tree: ModuleTree, path: str) -> str | None:
     """None when `entry` fits the tree module at `path`; otherwise what does not agree."""
     info = tree.modules[path]
-    if entry.kind == "param":
-        found = adapted_parameter(entry, info)
-        return found if isinstance(found, str) else None
     if entry.kind == "tensor" and entry.param == "trainable_tokens_delta":
         # [n tokens, embedding dim]: fits any embedding of that width (token indices are checked by PEFT).
         ok = info.kind == "Embedding" and entry.shape is not None and entry.shape[-1] == info.out_features
@@ -198,7 +195,12 @@ def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
         if target not in tree.modules or (stock and not e.rooted):
             (m.unmatched_tensors if e.kind == "tensor" else m.unmatched).append(e.key or e.path)
             continue
-        problem = _fits(e, tree, target)
+        found: tuple[str, int] | str | None = None
+        if e.kind == "param":  # fits when the module has the parameter it adapts; else the text says why not
+            found = adapted_parameter(e, tree.modules[target])
+            problem = found if isinstance(found, str) else None
+        else:
+            problem = _fits(e, tree, target)
         if problem is not None:
             expected = (f"{e.param} {list(e.shape or ())}" if e.kind == "tensor"
                         else f"{e.kind}({e.in_features}->{e.out_features})")
@@ -209,8 +211,7 @@ def apply_rewrite(entries: Sequence[Entry], tree: ModuleTree, rewrite: Rewrite,
         else:
             owners.setdefault(target if e.kind != "param" else f"{target}{e.wrapper}", []).append(e.path)
             m.pairs[e.path] = target
-            found = adapted_parameter(e, tree.modules[target]) if e.kind == "param" else None
-            if isinstance(found, tuple):  # _fits passed, so it is the (parameter, experts) it adapts
+            if isinstance(found, tuple):
                 m.params[e.path] = found
     for target, paths in owners.items():
         if len(paths) > 1:

@@ -109,11 +109,10 @@ class _CheckpointNames:
         """The key holding `path`.`param`, or None; the first of: as is, with the prefix, without it, renamed."""
         candidates = self._candidates(path, param)
         found = next((c for c in candidates if c in self.keys), None)
-        if found is None:
-            renamed = [p[0].key for c in candidates for p in [self.stored.get(c, ())] if len(p) == 1 and
-                       p[0].expert is None]
-            found = renamed[0] if renamed else None
-        return found
+        if found is not None:
+            return found
+        renamed = (self.stored.get(c, ()) for c in candidates)  # a whole tensor under its checkpoint name
+        return next((p[0].key for p in renamed if len(p) == 1 and p[0].expert is None), None)
 
     def parts_of(self, path: str, param: str) -> Sequence[StoredPart]:
         """The per-expert checkpoint tensors that hold `path`.`param` when transformers fuses them on load, else ()."""

@@ -26,13 +26,13 @@ def _regex(value: str, field: str, path: Path, built: str | None = None) -> None
 
 
 def _names(config: dict[str, Any], field: str, path: Path, regex_if_str: bool) -> None:
-    """A list of module names, or (for target/exclude_modules) one regex string, or null."""
+    """A list of module (or parameter) names, or (for target/exclude_modules) one regex string, or null."""
     value = config.get(field)
     if value is None:
         return
     if isinstance(value, str):
         if not regex_if_str:
-            raise AdapterFormatError(f"{field} must be a list of module names, got the string {value!r}", path)
+            raise AdapterFormatError(f"{field} must be a list of names, got the string {value!r}", path)
         _regex(value, field, path)
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -93,6 +93,7 @@ def _check_module_names(config: dict[str, Any], path: Path) -> None:
     _names(config, "target_modules", path, regex_if_str=True)
     _names(config, "exclude_modules", path, regex_if_str=True)
     _names(config, "modules_to_save", path, regex_if_str=False)
+    _names(config, "target_parameters", path, regex_if_str=False)  # PEFT takes no regex string here
     for name in config.get("modules_to_save") or []:
         _regex(name, "modules_to_save entry", path, targeting.modules_to_save_regex(name))
 

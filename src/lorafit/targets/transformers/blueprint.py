@@ -62,6 +62,13 @@ def _load(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and data.get("schema") == SCHEMA else None
 
 
+def shipped_model_types() -> set[str]:
+    """The model types the shipped blueprints of the installed transformers cover (none if it has none)."""
+    tv = installed_transformers()
+    data = _load(data_file(tv)) if tv else None
+    return set(data["model_types"]) if data else set()
+
+
 def evaluate(expr: str | int | None, values: dict[str, int]) -> int | None:
     """An expression like "num_key_value_heads*head_dim", "3*n_embd/2" or "a*b+2*c" on resolved config values.
 

@@ -133,11 +133,11 @@ def unloaded_weights_finding(md: ModelDir, tree: ModuleTree) -> Finding | None:
 def _built_in(model_type: str) -> bool:
     """Whether transformers itself defines the model type: a shipped blueprint says so without importing it."""
     from . import tree_cache
-    from .blueprint import data_file, installed_transformers
+    from .blueprint import installed_transformers, shipped_model_types
 
-    tv = installed_transformers()
-    if tv is not None and model_type in (_load_blueprints(data_file(tv)) or {}).get("model_types", {}):
+    if model_type in shipped_model_types():
         return True
+    tv = installed_transformers()
     # Else transformers' own table (importing it costs ~2 s); a yes is kept in the tree cache for the next check.
     known = f"built-in.{tv}.{model_type}.json"
     if tree_cache.read_document(known) is True:
@@ -148,12 +148,6 @@ def _built_in(model_type: str) -> bool:
         tree_cache.write_document(known, True)
         return True
     return False
-
-
-def _load_blueprints(path: Path) -> dict[str, Any] | None:
-    from .blueprint import _load
-
-    return _load(path)
 
 
 def resolve_model_dir(model: str | Path) -> Path:

@@ -1,4 +1,5 @@
-"""A cache of ModuleTrees, keyed by config.json bytes, class name and library versions.
+"""A cache of ModuleTrees, keyed by config.json bytes, class name and library versions; beside them, PEFT's
+load-time renames of an adapter on such a tree, and which model types transformers defines.
 
 Building a tree needs torch and transformers' model code (~6 s of imports on 2 cores), while the tree
 itself depends only on the config, the class and the transformers version. A cached tree makes a
