@@ -132,13 +132,49 @@ _TREE_ENV = ("The model's module tree comes from a cache, a shipped blueprint, o
              "LORAFIT_NO_BLUEPRINTS=1, LORAFIT_DEBUG=1 (tracebacks).")
 
 
-@app.command(epilog=_TREE_ENV)
-def check(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None, key_mapping: MapOpt = None,
-          as_json: JsonOpt = False) -> None:
-    """Will ADAPTER land on BASE loaded with --class? Reads config and headers, no model weights."""
-    from .api.check import check as run
+RuntimeOpt = Annotated[list[str] | None, typer.Option(
+    "--runtime", "-r", help="Where the adapter will run: transformers (default), vllm, sglang, llama.cpp, ollama, "
+    "lorax, mlx; optionally @RELEASE (vllm@0.8.3). Repeatable, or comma-separated: one verdict per runtime. "
+    "Serving runtimes need no --base; with one, they also judge where the adapter's paths land in it.")]
 
-    _run(lambda: run(adapter, base, class_name, key_mapping), as_json)
+
+@app.command(epilog=_TREE_ENV)
+def check(adapter: AdapterArg, base: Annotated[str | None, typer.Option(
+              "--base", "-b", help="Base model: a local directory, or a hub id already in the local HF cache. "
+              "Needed for the transformers runtime.")] = None,
+          class_name: ClassOpt = None, key_mapping: MapOpt = None,
+          runtime: RuntimeOpt = None,
+          max_lora_rank: Annotated[int | None, typer.Option(
+              "--max-lora-rank", min=1, help="vLLM / SGLang: the server's --max-lora-rank (vLLM default 16).")] = None,
+          lora_target_modules: Annotated[str | None, typer.Option(
+              "--lora-target-modules", help="SGLang: the server's --lora-target-modules, comma-separated.")] = None,
+          tower_lora: Annotated[bool, typer.Option(
+              "--enable-tower-connector-lora", help="vLLM: the server runs with LoRA on the vision tower and "
+              "connector.")] = False,
+          as_json: JsonOpt = False) -> None:
+    """Will ADAPTER land on BASE loaded with --class, or on each --runtime? Reads config and headers, no weights."""
+    if not runtime:
+        if base is None:
+            _usage_error("check needs --base, or --runtime for a serving runtime (vllm, sglang, llama.cpp, ollama, "
+                         "lorax, mlx)")
+        from .api.check import check as run
+
+        _run(lambda: run(adapter, base, class_name, key_mapping), as_json)
+        return
+    settings = {"max_lora_rank": max_lora_rank, "enable_tower_connector_lora": tower_lora or None,
+                "lora_target_modules": lora_target_modules.split(",") if lora_target_modules else None}
+
+    def run_runtimes() -> Any:
+        from .api.runtimes import check_runtimes
+
+        return check_runtimes(adapter, runtime, base, class_name, key_mapping, settings)
+
+    _run(run_runtimes, as_json)
+
+
+def _usage_error(message: str) -> None:
+    typer.echo(f"lorafit: error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 @app.command(epilog=_TREE_ENV)
@@ -216,6 +252,25 @@ def merge(adapter: AdapterArg, base: BaseOpt,
     _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
                      safe_merge=safe_merge, max_shard_size=max_shard_size, force=force, workers=workers,
                      progress=progress, follow_symlinks=follow_symlinks), as_json)
+
+
+@app.command()
+def convert(adapter: AdapterArg,
+            to: Annotated[str, typer.Option("--to", "-t", help="Target format: mlx (mlx-lm) or peft.")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the converted adapter to.")],
+            base: Annotated[str | None, typer.Option(
+                "--base", "-b", help="Base model (local dir or cached hub id); needed for PEFT -> mlx when "
+                "layers_to_transform leaves the top layers out.")] = None,
+            force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+            as_json: JsonOpt = False) -> None:
+    """Write ADAPTER in another format, exactly (PEFT <-> mlx-lm), or refuse with the reason and write nothing.
+
+    Scales from use_rslora or alpha_pattern are folded into lora_b, smaller ranks zero-padded; OUT appears
+    only when complete.
+    """
+    from .api.convert import convert as run
+
+    _run(lambda: run(adapter, to, out, base=base, force=force), as_json)
 
 
 @app.command("verify-merge")

@@ -93,6 +93,26 @@ CATALOG: dict[str, Code] = {
     "merge-config-differs": Code(ERROR, PROOF, (),
          "the merged config.json disagrees with the base's on the model's structure"),
     "merge-non-finite": Code(ERROR, PROOF, (), "NaN or Inf in a merged weight where base and adapter are finite"),
+    # a serving runtime (check --runtime): what vLLM, SGLang, llama.cpp, Ollama, LoRAX or mlx-lm does with the
+    # adapter; the finding names the runtime, its release and the source (docs/runtimes.md)
+    "runtime-format": Code(ERROR, RUNTIME, (), "the runtime reads another adapter format"),
+    "runtime-rank-limit": Code(ERROR, RUNTIME, (), "a rank above the runtime's configured maximum"),
+    "runtime-dora": Code(ERROR, RUNTIME, (), "DoRA, which the runtime refuses or does not apply"),
+    "runtime-lora-bias": Code(ERROR, RUNTIME, (), "lora_bias or bias != none, which the runtime refuses"),
+    "runtime-rslora": Code(ERROR, RUNTIME, (), "use_rslora, which this release refuses"),
+    "runtime-modules-to-save": Code(ERROR, RUNTIME, (), "modules_to_save, which the runtime refuses"),
+    "runtime-full-weights": Code(ERROR, RUNTIME, (),
+         "full tensors beside lora_A/lora_B (trained heads, resized embeddings) the runtime refuses"),
+    "runtime-target-modules": Code(ERROR, RUNTIME, (), "target modules the runtime cannot wrap or rename"),
+    "runtime-architecture": Code(ERROR, RUNTIME, (), "the base's architecture is one the runtime's adapters refuse"),
+    "runtime-qkv-incomplete": Code(ERROR, RUNTIME, (), "q/k/v adapted without the projections the runtime fuses"),
+    "runtime-scale": Code(ERROR, RUNTIME, (), "the runtime applies another scale than PEFT (rsLoRA, patterns)"),
+    "runtime-keys-unused": Code(ERROR, RUNTIME, (), "adapter modules the runtime never applies"),
+    "runtime-module-dropped": Code(ERROR, RUNTIME, (), "a module type dropped in every layer"),
+    "runtime-vision-misplaced": Code(ERROR, RUNTIME, (), "vision-tower LoRA filed under language layers"),
+    # convert
+    "converted": Code(INFO, OUTPUT, (), "convert wrote the adapter in the target format"),
+    "convert-refused": Code(ERROR, OUTPUT, (), "the adapter cannot be converted exactly; nothing was written"),
     # any command that reads a base or writes an output
     "custom-code": Code(WARNING, RUNTIME, (),
          "the base's config.json names custom code (auto_map), which lorafit never runs"),
@@ -113,6 +133,9 @@ class Finding:
     hint: str | None = None
     severity: str = ""
     count: int | None = None  # how many items the finding covers, when more than the keys shown
+    runtime: str | None = None  # a serving runtime's finding: the runtime and release it holds for (vllm@0.11)
+    source: str | None = None  # where the runtime does it (file: function), documented in docs/runtimes.md
+    effect: str | None = None  # "will-not-load" or "not-as-trained", for a serving runtime's verdict
 
     def __post_init__(self) -> None:
         if self.code not in CATALOG:
@@ -124,8 +147,11 @@ class Finding:
         self.keys = list(self.keys)[:5]
 
     def to_json(self) -> dict[str, Any]:
-        return {"code": self.code, "severity": self.severity, "message": self.message,
-                "keys": self.keys, "count": self.count, "hint": self.hint}
+        out = {"code": self.code, "severity": self.severity, "message": self.message,
+               "keys": self.keys, "count": self.count, "hint": self.hint}
+        if self.runtime is not None:
+            out |= {"runtime": self.runtime, "source": self.source, "effect": self.effect}
+        return out
 
 
 def sort_findings(findings: list[Finding]) -> list[Finding]:

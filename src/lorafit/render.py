@@ -59,6 +59,8 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
     console.print(summary)
     if show_modules and report.modules:
         _render_modules(report, console)
+    if report.result.get("runtimes"):
+        _render_runtimes(report.result["runtimes"], console)
     hints_shown: set[str] = set()
     for f in sort_findings(report.findings):
         console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {escape(printable(f.message))}",
@@ -72,6 +74,23 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
             console.print(f"          fix: [green]{escape(printable(f.hint))}[/]", highlight=False)
     verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/] ({len(report.errors())} error findings)"
     console.print(f"{report.command}: {verdict}")
+
+
+_VERDICT_STYLE = {"loads": "green", "loads, not as trained": "yellow", "will not load": "red"}
+
+
+def _render_runtimes(rows: list[dict[str, Any]], console: Any) -> None:
+    """One line per runtime: its release, the verdict, and the finding codes behind it."""
+    from rich.table import Table
+
+    table = Table.grid(padding=(0, 2))
+    for row in rows:
+        where = row["runtime"] + (f"@{row['version']}" if row.get("version") else "")
+        verdict = row.get("verdict") or ""
+        codes = ", ".join(c.removeprefix("runtime-") for c in row["codes"])
+        table.add_row(where, f"[{_VERDICT_STYLE.get(verdict, 'white')}]{verdict}[/]", codes)
+    console.print("[bold]runtimes[/]")
+    console.print(table)
 
 
 def _render_modules(report: Report, console: Any) -> None:

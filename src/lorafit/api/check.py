@@ -109,10 +109,12 @@ def inspect(adapter: Adapter | str | Path, read_tensors: bool = True) -> Report:
     Raises:
         LorafitError: the adapter cannot be read (the message names the file).
     """
+    from .runtimes import runtime_matrix
+
     a = ensure_adapter(adapter)
     health = tensor_health(a) if read_tensors else None
     return Report("inspect", adapter=adapter_summary(a, health), findings=_adapter_findings(a, health),
-                  modules=module_rows(a, health))
+                  modules=module_rows(a, health), result={"runtimes": runtime_matrix(a)})
 
 
 @dataclass
@@ -208,6 +210,7 @@ def adapter_only_report(command: str, adapter: Adapter | str | Path, finding: Fi
     """
     report = inspect(adapter)
     report.command = command
+    report.result = {}
     report.findings.append(finding)
     if out is not None:
         report.result = {"written": False, "out": str(out)}

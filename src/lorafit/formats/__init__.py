@@ -57,7 +57,7 @@ class Format(Protocol):
 
 
 _REGISTRY: dict[str, Format] = {}
-_BUILTIN = ("peft",)  # imported on first use, so that `import lorafit` stays cheap
+_BUILTIN = ("peft", "mlx")  # imported on first use, so that `import lorafit` stays cheap
 
 
 def register_format(fmt: Format) -> Format:
@@ -67,10 +67,12 @@ def register_format(fmt: Format) -> Format:
 
 
 def _registry() -> dict[str, Format]:
+    """Every format, the built-in ones first and in _BUILTIN's order, whichever was imported first."""
     for name in _BUILTIN:
         if name not in _REGISTRY:
             importlib.import_module(f"{__name__}.{name}")
-    return _REGISTRY
+    order = [*_BUILTIN, *(n for n in _REGISTRY if n not in _BUILTIN)]
+    return {n: _REGISTRY[n] for n in order}
 
 
 def get_format(name: str) -> Format:

@@ -3,7 +3,9 @@
 A Runtime is whatever loads an adapter onto a base model: PEFT on a transformers class today; vLLM,
 llama.cpp or mlx-lm next. It answers two things: the module tree of a base as it will be loaded (a
 Target), and the runtime's own acceptance rules for an adapter on that tree. A new runtime is a package
-under targets/ that calls `register_runtime` on import, plus its name in _BUILTIN.
+under targets/ that calls `register_runtime` on import, plus its name in _BUILTIN. The serving runtimes (vLLM,
+SGLang, llama.cpp, Ollama, LoRAX, mlx-lm), which cannot run here, are rules read from their sources: see
+targets/serving.
 """
 
 from __future__ import annotations
