@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: demo test lint bench blueprints clean fuzz
+.PHONY: demo test test-clients lint bench blueprints clean fuzz
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,16 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest
+
+# The proofs against real clients that take a long first build: llama-cpp-python compiles llama.cpp (about 8 min
+# on 2 cores, then pip's wheel cache makes it seconds). mlx-lm's proof needs no build and runs in `make test`.
+CLIENTS_STAMP := $(VENV)/.lorafit-clients-installed
+$(CLIENTS_STAMP): requirements-clients.lock $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --disable-pip-version-check -r requirements-clients.lock
+	touch $(CLIENTS_STAMP)
+
+test-clients: $(CLIENTS_STAMP)
+	LORAFIT_CLIENTS=1 $(VENV)/bin/pytest tests/clients
 
 # Fuzz the five commands with mutated inputs for FUZZ_SECONDS (make fuzz FUZZ_SECONDS=60); a new violation is
 # saved to tests/fuzz/corpus/, which `make test` replays.

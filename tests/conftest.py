@@ -17,6 +17,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("LORAFIT_CACHE", tempfile.mkdtemp(prefix="lorafit-test-cache-"))
 warnings.filterwarnings("ignore")
 
+# tests/clients/ runs real inference clients that need a long build (llama-cpp-python): `make test-clients`
+# sets LORAFIT_CLIENTS=1 and runs them; `make test` runs everything else.
+collect_ignore = [] if os.environ.get("LORAFIT_CLIENTS") else ["clients"]
+
 from hypothesis import settings  # noqa: E402
 
 # Same examples on every run: CI must not turn red on a case a developer never saw. To hunt for new

@@ -43,10 +43,11 @@ def base(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
-def _peft(base: Path, out: Path, **lora: Any) -> np.ndarray:
-    """A real PEFT adapter with trained-looking lora_B, saved to `out`; returns PEFT's logits on IDS."""
+def _peft(base: Path, out: Path, class_name: str = "AutoModelForCausalLM", **lora: Any) -> np.ndarray:
+    """A real PEFT adapter with trained-looking lora_B, saved to `out`; returns PEFT's logits on IDS (of the model
+    it was trained on)."""
     torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model = getattr(transformers, class_name).from_pretrained(base)
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM"}
     pm = get_peft_model(model, LoraConfig(**(kwargs | lora)))
     for name, p in pm.named_parameters():
@@ -54,7 +55,8 @@ def _peft(base: Path, out: Path, **lora: Any) -> np.ndarray:
             torch.nn.init.normal_(p, std=0.3)
     pm.save_pretrained(out)
     with torch.no_grad():
-        return pm.eval()(torch.tensor(IDS)).logits[0].numpy()
+        output = pm.eval()(torch.tensor(IDS))
+    return (output.logits if hasattr(output, "logits") else output.last_hidden_state)[0].numpy()
 
 
 def _mlx_logits(base: Path, adapter: Path | None) -> np.ndarray:
@@ -86,6 +88,23 @@ def test_mlx_lm_applies_the_converted_adapter_as_peft_does(base: Path, tmp_path:
     assert np.abs(got - ref).max() < 2e-5  # ... and mlx-lm with the converted adapter reproduces PEFT's change
     # the converted adapter is what --runtime mlx accepts, against the same base
     assert check_runtimes(tmp_path / "mlx", ["mlx"], base=base).ok
+
+
+def test_an_adapter_saved_from_another_class_is_landed_with_the_base(base: Path, tmp_path: Path) -> None:
+    """Saved from AutoModel, its paths are layers.N…: without --base that is refused; with it, convert lands them on
+    the base's class (model.layers.N…), and mlx-lm applies the adapter as PEFT does on the causal LM."""
+    _peft(base, tmp_path / "peft", class_name="AutoModel", task_type=None)
+    code, report = cli_json("convert", tmp_path / "peft", "--to", "mlx", "-o", tmp_path / "mlx")
+    assert code == 1 and "pass --base to land them" in report["findings"][-1]["message"]
+    code, report = cli_json("convert", tmp_path / "peft", "--to", "mlx", "-o", tmp_path / "mlx", "--base", base)
+    assert code == 0, report
+    code, fixed = cli_json("fix", tmp_path / "peft", "--base", base, "--class", "AutoModelForCausalLM",
+                           "-o", tmp_path / "fixed")
+    assert code == 0, fixed
+    causal = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(causal, tmp_path / "fixed").eval()(torch.tensor(IDS)).logits[0].numpy()
+    assert np.abs(_mlx_logits(base, tmp_path / "mlx") - ref).max() < 2e-5
 
 
 def test_round_trip_to_peft_is_bit_exact(base: Path, tmp_path: Path) -> None:
@@ -157,4 +176,4 @@ def test_bad_mlx_adapters_are_one_line_errors(base: Path, tmp_path: Path) -> Non
     assert_one_line_error(code, out, err, "adapters.safetensors")
     assert not (tmp_path / "back").exists()
     code, out, err = cli("convert", tmp_path / "peft", "--to", "gguf2", "-o", tmp_path / "x")
-    assert_one_line_error(code, out, err, "unknown --to 'gguf2'; known: mlx, peft")
+    assert_one_line_error(code, out, err, "unknown --to 'gguf2'; known: mlx, gguf, peft")

@@ -262,3 +262,48 @@ def test_a_base_with_another_layout_still_gets_the_adapter_alone_verdicts(made: 
     base = save_base(tmp_path, "llama")
     report = check_runtimes(made("dora", use_dora=True), ["vllm"], base=base)
     assert _finding(report, "vllm", "runtime-dora")
+
+
+def test_a_resized_vocabulary_saves_full_weights_even_without_modules_to_save(bases: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    """PEFT saves embed_tokens and lm_head whole when the vocabulary was resized, whatever modules_to_save says:
+    the servers judge the tensor keys, so lorafit does too."""
+    from conftest import load_model
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(bases["llama"], CAUSAL)
+    model.resize_token_embeddings(80)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                          init_lora_weights=False, task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path / "a")
+    report = check_runtimes(tmp_path / "a", SERVING)
+    assert not any(f.code == "runtime-modules-to-save" for f in report.findings)  # the config names none ...
+    full = _finding(report, "vllm", "runtime-full-weights")  # ... and the keys say otherwise
+    assert sorted(full.keys) == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"]
+    assert _by_runtime(report)["llama.cpp"]["verdict"] == "will not load"
+
+
+def test_mlx_lm_refuses_tensors_its_model_lacks_as_lorafit_says(bases: dict[str, Path], made: Any,
+                                                               tmp_path: Path) -> None:
+    """An mlx-lm adapter whose module names are not the model's: mlx-lm 0.32 raises (the installed client is the
+    oracle); before 0.32.0 it ignored them silently."""
+    from mlx_lm.tuner.utils import load_adapters
+    from mlx_lm.utils import load_model as mlx_load_model
+    from safetensors.torch import load_file as load_st
+
+    code, _ = cli_json("convert", made("plain"), "--to", "mlx", "-o", tmp_path / "mlx")
+    assert code == 0
+    weights = tmp_path / "mlx" / "adapters.safetensors"
+    tensors = {k.replace("v_proj", "value"): v for k, v in load_st(weights).items()}
+    save_file(tensors, str(weights))
+    config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    config["lora_parameters"]["keys"] = [k.replace("v_proj", "value") for k in config["lora_parameters"]["keys"]]
+    (tmp_path / "mlx" / "adapter_config.json").write_text(json.dumps(config))
+    now = check_runtimes(tmp_path / "mlx", ["mlx"], base=bases["llama"])
+    f = _finding(now, "mlx", "runtime-keys-unused")
+    assert f.effect == "will-not-load" and f.count == 2
+    model, _ = mlx_load_model(bases["llama"])
+    with pytest.raises(Exception, match="contains incompatible tensors"):
+        load_adapters(model, str(tmp_path / "mlx"))
+    before = check_runtimes(tmp_path / "mlx", ["mlx@0.31.0"], base=bases["llama"])
+    assert _finding(before, "mlx", "runtime-keys-unused").effect == "not-as-trained"

@@ -256,14 +256,17 @@ def merge(adapter: AdapterArg, base: BaseOpt,
 
 @app.command()
 def convert(adapter: AdapterArg,
-            to: Annotated[str, typer.Option("--to", "-t", help="Target format: mlx (mlx-lm) or peft.")],
-            out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the converted adapter to.")],
+            to: Annotated[str, typer.Option("--to", "-t", help="Target format: mlx (mlx-lm), gguf (llama.cpp, "
+                                            "Ollama) or peft (from mlx-lm).")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="Where to write: a directory (mlx, peft) or a "
+                                              ".gguf file.")],
             base: Annotated[str | None, typer.Option(
-                "--base", "-b", help="Base model (local dir or cached hub id); needed for PEFT -> mlx when "
-                "layers_to_transform leaves the top layers out.")] = None,
+                "--base", "-b", help="Base model (local dir or cached hub id). Needed for gguf (tensor names, "
+                "llama.cpp's q/k row order), and for mlx when layers_to_transform leaves the top layers out.")]
+            = None,
             force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
             as_json: JsonOpt = False) -> None:
-    """Write ADAPTER in another format, exactly (PEFT <-> mlx-lm), or refuse with the reason and write nothing.
+    """Write ADAPTER in another format, exactly (PEFT -> mlx-lm or GGUF, mlx-lm -> PEFT), or refuse and write nothing.
 
     Scales from use_rslora or alpha_pattern are folded into lora_b, smaller ranks zero-padded; OUT appears
     only when complete.

@@ -1,51 +1,43 @@
-"""convert: a PEFT adapter to mlx-lm's format and back, exactly, or a refusal that says why.
+"""convert: an adapter in another format, exactly, or a refusal that says why and writes nothing.
 
-PEFT -> mlx-lm: paths lose `base_model.model.`; lora_a = Aᵀ, lora_b = Bᵀ; one rank (the largest: smaller ranks are
-zero-padded, which adds nothing) and one scale (the most common; a module trained with another scale, from
-use_rslora or alpha_pattern, has it folded into its lora_b); `num_layers` reaches down to the lowest adapted layer,
-and a layer x key cell the adapter lacks is written as zeros (B = 0 adds nothing), since mlx-lm wraps every cell.
-mlx-lm -> PEFT: transposed back, lora_alpha = scale x rank, layers_to_transform = the layers mlx-lm wraps.
+PEFT -> mlx-lm and mlx-lm -> PEFT: formats/mlx/writer.py. PEFT -> GGUF (llama.cpp, Ollama): formats/gguf/writer.py,
+after landing the adapter on the base's own class as check does. Outputs are written atomically and read back.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LorafitError
-from ..fileio.outputs import OutputDir, write_json
+from ..fileio.outputs import OutputDir
 from ..findings import Finding
 from ..formats import ensure_adapter
 from ..formats.mlx import layer_key
 from ..report import Report
-from ..version import __version__
 from .check import adapter_summary
 
-if TYPE_CHECKING:
-    import torch
-
-TARGETS = ("mlx", "peft")
+TARGETS = ("mlx", "gguf", "peft")
 PEFT_ROOT = "base_model.model."
 
 
-def _refusals(a: Adapter) -> list[str]:
-    """What PEFT -> mlx-lm cannot carry exactly."""
+def _refusals(a: Adapter, to: str) -> list[str]:
+    """What PEFT -> mlx-lm or GGUF cannot carry exactly."""
     why = []
+    what = {"mlx": "mlx-lm", "gguf": "a GGUF LoRA"}.get(to, to)
     if any(m.has_dora for m in a.modules.values()):
-        why.append("DoRA magnitudes (mlx-lm's DoRA layers are not PEFT's)")
+        why.append(f"DoRA magnitudes ({what} applies plain LoRA)")
     if any(m.has_bias for m in a.modules.values()):
-        why.append("lora_B biases (mlx-lm's LoRA has none)")
+        why.append(f"lora_B biases ({what} has none)")
     if a.extras:
-        why.append(f"{len(a.extras)} full tensors (modules_to_save or saved embeddings), which mlx-lm adapters cannot "
-                   "hold")
+        why.append(f"{len(a.extras)} full tensors (modules_to_save or saved embeddings), which {what} cannot hold")
     odd = [m.path for m in a.modules.values() if m.kind != "linear"]
     if odd:
         why.append(f"LoRA on {len(odd)} non-linear modules (embeddings, convolutions or MoE parameters), e.g. "
                    f"{odd[0]}")
     outside = [m.path for m in a.modules.values() if m.kind == "linear" and layer_key(_strip(m.path)) is None]
-    if outside:
+    if outside and to == "mlx":
         why.append(f"{len(outside)} modules outside the decoder layers (mlx-lm wraps modules of model.layers only), "
                    f"e.g. {outside[0]}")
     if a.unrooted_keys or a.incomplete:
@@ -55,78 +47,6 @@ def _refusals(a: Adapter) -> list[str]:
 
 def _strip(path: str) -> str:
     return path.removeprefix(PEFT_ROOT)
-
-
-def _to_mlx(a: Adapter, out: Path, num_hidden_layers: int | None) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import save_file
-
-    mods = {_strip(m.path): m for m in a.modules.values()}
-    cells = {p: layer_key(p) for p in mods}
-    stems = {c[0] for c in cells.values() if c}
-    if len(stems) != 1:
-        raise LorafitError(f"the adapter's layers lie under {sorted(stems)}; mlx-lm wraps one stack", a.path)
-    stem = stems.pop()
-    layers = [c[1] for c in cells.values() if c]
-    total = num_hidden_layers or max(layers) + 1
-    first = min(layers)
-    keys = sorted({c[2] for c in cells.values() if c})
-    rank = max(m.rank for m in mods.values())
-    scale = Counter(round(m.scaling, 12) for m in mods.values()).most_common(1)[0][0]
-    shapes = {c[2]: (m.in_features, m.out_features) for p, m in mods.items() if (c := cells[p])}
-    tensors: dict[str, torch.Tensor] = {}
-    folded = 0
-    for n in range(first, total):
-        for key in keys:
-            path = f"{stem}.{n}.{key}"
-            m = mods.get(path)
-            if m is None:  # a cell mlx-lm wraps that the adapter lacks: zeros add nothing
-                i, o = shapes[key]
-                dtype = a.tensor(next(iter(mods.values())).keys["A"]).dtype
-                tensors[f"{path}.lora_a"] = torch.zeros(i, rank, dtype=dtype)
-                tensors[f"{path}.lora_b"] = torch.zeros(rank, o, dtype=dtype)
-                continue
-            A, B = a.tensor(m.keys["A"]), a.tensor(m.keys["B"])
-            if round(m.scaling, 12) != scale:
-                B = (B.double() * (m.scaling / scale)).to(B.dtype)
-                folded += 1
-            lora_a = torch.zeros(A.shape[1], rank, dtype=A.dtype)
-            lora_a[:, : m.rank] = A.T
-            lora_b = torch.zeros(rank, B.shape[0], dtype=B.dtype)
-            lora_b[: m.rank] = B.T
-            tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = lora_a, lora_b
-    save_file(tensors, str(out / "adapters.safetensors"), metadata={"format": "mlx", "lorafit.version": __version__})
-    dropout = a.config.get("lora_dropout", 0.0) if a.format == "peft" else 0.0
-    config = {"fine_tune_type": "lora", "num_layers": total - first,
-              "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys}}
-    if a.base_model:
-        config["model"] = a.base_model
-    write_json(out / "adapter_config.json", config)
-    return {"num_layers": total - first, "rank": rank, "scale": scale, "scale_folded_into_lora_b": folded,
-            "zero_cells": len(tensors) // 2 - len(mods)}
-
-
-def _to_peft(a: Adapter, out: Path) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
-    cfg = a.config
-    params = cfg["lora_parameters"]
-    rank, scale = int(params["rank"]), float(params["scale"])
-    tensors = {}
-    for m in a.modules.values():
-        tensors[f"{PEFT_ROOT}{m.path}.lora_A.weight"] = a.tensor(m.keys["A"])
-        tensors[f"{PEFT_ROOT}{m.path}.lora_B.weight"] = a.tensor(m.keys["B"])
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cells = [c for c in map(layer_key, a.modules) if c]
-    top = max(c[1] for c in cells)
-    layers = list(range(top + 1 - int(cfg["num_layers"]), top + 1))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": scale * rank,
-              "target_modules": sorted({c[2].rsplit(".", 1)[-1] for c in cells}),
-              "lora_dropout": float(params.get("dropout", 0.0)), "bias": "none", "use_rslora": False,
-              "layers_to_transform": layers if layers[0] > 0 else None, "layers_pattern": None,
-              "base_model_name_or_path": cfg.get("model"), "inference_mode": True}
-    write_json(out / "adapter_config.json", config)
-    return {"r": rank, "lora_alpha": scale * rank, "layers_to_transform": config["layers_to_transform"]}
 
 
 def _num_layers(base: str | Path | None) -> int | None:
@@ -159,16 +79,95 @@ def convert(adapter: Adapter | str | Path, to: str, out: str | Path, base: str |
     report = Report("convert", adapter=adapter_summary(a, None), result={"written": False, "out": str(out), "to": to})
     if a.format == to:
         raise LorafitError(f"the adapter is already in the {to} format", a.path)
-    why = _refusals(a)
+    if to == "gguf" and base is None:
+        raise LorafitError("--to gguf needs --base: the GGUF tensor names and llama.cpp's row order come from the "
+                           "base's architecture")
+    if to == "peft" and a.format != "mlx":
+        raise LorafitError(f"--to peft converts mlx-lm adapters; this one is {a.format}", a.path)
+    why = _refusals(a, to)
     partial = a.format == "peft" and a.config.get("layers_to_transform") is not None
     if to == "mlx" and partial and base is None:
         why.append("layers_to_transform is set, so the base's layer count is needed (mlx-lm counts num_layers from "
                    "the top layer): pass --base")
+    paths = _landing(a, base, why) if base is not None and to != "peft" and not why else None
+    if to == "mlx" and not why:
+        _mlx_layers(a, paths, why)
+    gguf_plan = _gguf_plan(a, base, paths, why) if to == "gguf" and not why else None
     if why:
         report.findings.append(Finding("convert-refused", f"cannot convert to {to} exactly: {'; '.join(why)}"))
         return report
-    with OutputDir(out, force=force, protect=[a.path]) as tmp:
-        done = _to_mlx(a, tmp, _num_layers(base)) if to == "mlx" else _to_peft(a, tmp)
+    done = _write(a, to, out, force, base, paths, gguf_plan)
     report.findings.append(Finding("converted", f"wrote {out} ({to})"))
     report.result |= {"written": True, **done}
     return report
+
+
+def _write(a: Adapter, to: str, out: Path, force: bool, base: str | Path | None, paths: dict[str, str] | None,
+           gguf_plan: Any) -> dict[str, Any]:
+    """Write atomically, reading the output back as its own format before it is put in place."""
+    from ..fileio.outputs import OutputFile
+    from ..formats.gguf import reader as gguf_reader
+    from ..formats.gguf import writer as gguf_writer
+    from ..formats.mlx import reader as mlx_reader
+    from ..formats.mlx import writer as mlx_writer
+    from ..formats.peft import reader as peft_reader
+
+    if to == "gguf":
+        with OutputFile(out, force=force, protect=[a.path]) as tmp_file:
+            done = gguf_writer.write(a, gguf_plan, tmp_file)
+            _same_count(len(gguf_reader.read_adapter(tmp_file).modules), done["modules"], tmp_file)
+        return done
+    with OutputDir(out, force=force, protect=[a.path]) as tmp:
+        if to == "mlx":
+            done = mlx_writer.to_mlx(a, tmp, _num_layers(base), paths)
+            _same_count(len(mlx_reader.read_adapter(tmp).modules), len(a.modules) + done["zero_cells"], tmp)
+        else:
+            done = mlx_writer.to_peft(a, tmp)
+            _same_count(len(peft_reader.read_adapter(tmp).modules), len(a.modules), tmp)
+    return done
+
+
+def _same_count(found: int, expected: int, where: Path) -> None:
+    if found != expected:
+        raise LorafitError(f"the written adapter holds {found} LoRA modules, expected {expected}", where)
+
+
+def _landing(a: Adapter, base: str | Path, why: list[str]) -> dict[str, str] | None:
+    """Adapter module path -> module path in the base's own class (the class a runtime loads), as check lands it;
+    appends to `why` when it does not land completely."""
+    from ..targets.transformers.resolve import open_model_dir
+    from .check import run_check_for_checkpoint
+
+    checked = run_check_for_checkpoint(a, open_model_dir(base).path, None, None)
+    landing = checked.alignment.chosen
+    if not landing.complete or checked.alignment.ambiguous:
+        errors = ", ".join(f.code for f in checked.report.errors())
+        why.append(f"the adapter does not land completely on {checked.tree.class_name} ({errors}; run lorafit check)")
+        return None
+    return dict(landing.pairs)
+
+
+def _mlx_layers(a: Adapter, paths: dict[str, str] | None, why: list[str]) -> None:
+    """mlx-lm's language models keep their decoder layers under model.layers."""
+    stems = {k[0] for m in a.modules.values() if (k := layer_key((paths or {}).get(m.path) or _strip(m.path)))}
+    if stems and stems != {"model.layers"}:
+        why.append(f"the module paths lie under {', '.join(sorted(stems))}, not model.layers where mlx-lm's models "
+                   "keep their layers (saved from another class?): pass --base to land them on the base's class")
+
+
+def _gguf_plan(a: Adapter, base: str | Path | None, paths: dict[str, str] | None, why: list[str]) -> Any:
+    """Each landed module's GGUF tensor name; appends to `why` what stops an exact conversion."""
+    from ..formats.gguf import writer
+    from ..targets.transformers.resolve import open_model_dir
+
+    if paths is None or base is None:
+        return None
+    p = writer.plan(a, paths, open_model_dir(base).config)
+    if isinstance(p, str):
+        why.append(p)
+        return None
+    if p.unmapped:
+        why.append(f"{len(p.unmapped)} modules have no GGUF tensor in llama.cpp's name map (vision towers or "
+                   f"heads), e.g. {p.unmapped[0]}")
+        return None
+    return p

@@ -243,3 +243,28 @@ class OutputDir:
 def write_json(path: Path, data: object) -> None:
     """Write JSON the way PEFT and transformers do (indent 2, sorted keys, trailing newline)."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class OutputFile(OutputDir):
+    """One output file, written inside a marked staging directory next to it and put in place when complete: without
+    force by a hard link, which fails if OUT exists (even if it appeared meanwhile); with force by an atomic replace.
+    `with OutputFile(out) as tmp_file:` write tmp_file."""
+
+    def __enter__(self) -> Path:
+        return super().__enter__() / self.out.name
+
+    def _commit(self) -> None:
+        assert self.tmp is not None
+        src = self.tmp / self.out.name
+        try:
+            if self.force:
+                os.replace(src, self.out)
+            else:
+                os.link(src, self.out)
+        except FileExistsError:
+            raise OutputExistsError("output appeared while lorafit was writing it (another process?); it was left "
+                                    "as it is and nothing was written; pass --force to overwrite it",
+                                    self.out) from None
+        except OSError as e:
+            raise LorafitError(f"cannot write the output ({e.strerror or e})", self.out) from None
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -57,7 +57,7 @@ class Format(Protocol):
 
 
 _REGISTRY: dict[str, Format] = {}
-_BUILTIN = ("peft", "mlx")  # imported on first use, so that `import lorafit` stays cheap
+_BUILTIN = ("peft", "mlx", "gguf")  # imported on first use, so that `import lorafit` stays cheap
 
 
 def register_format(fmt: Format) -> Format:

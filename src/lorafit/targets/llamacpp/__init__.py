@@ -1,6 +1,7 @@
 """llama.cpp: convert_lora_to_gguf.py, then `--lora` / llama_adapter_lora_init. Sources: docs/runtimes.md#llamacpp.
 
-A PEFT adapter reaches llama.cpp through its converter, so the converter's rules come first.
+A PEFT adapter reaches llama.cpp through its converter, so the converter's rules come first; `lorafit convert
+--to gguf` writes the GGUF itself and folds what the converter ignores (use_rslora, alpha_pattern).
 """
 
 from __future__ import annotations
@@ -11,13 +12,8 @@ _CONVERT = "convert_lora_to_gguf.py: LoraModel.get_tensors"
 _EXIT = "the converter exits: Unexpected name '…': Not a lora_A or lora_B tensor"
 
 
-def _convert_hint(ctx: Context) -> str | None:
-    """With use_rslora alone (no patterns), one lora_alpha makes llama.cpp's alpha / rank equal PEFT's scale."""
-    t = ctx.traits
-    if not t.rslora or t.rank_pattern or t.alpha_pattern:
-        return None
-    return (f'in a copy of adapter_config.json set "lora_alpha": {t.alpha * t.r ** 0.5:.6g} and "use_rslora": false, '
-            "then run convert_lora_to_gguf.py on it")
+def _convert_hint(ctx: Context) -> str:
+    return f"lorafit convert {ctx.adapter.path} --to gguf --base BASE -o OUT.gguf folds the scale into lora_b"
 
 
 RULES = (

@@ -44,12 +44,14 @@ RULES = (
     Rule("runtime-full-weights", "will-not-load", "convert/convert_llama_adapter.go: llamaAdapter.Replacements",
          checks.full_weights("they have no GGUF adapter name"), formats=("peft",)),
     Rule("runtime-scale", "not-as-trained", "convert/convert.go: AdapterParameters.KV; src/llama-adapter.h: get_scale",
-         checks.wrong_scale(checks.tensor_rank_scale, "use_rslora and alpha_pattern"), formats=("peft",)),
+         checks.wrong_scale(checks.tensor_rank_scale, "use_rslora and alpha_pattern"),
+         lambda ctx: f"lorafit convert {ctx.adapter.path} --to gguf --base BASE -o OUT.gguf folds the scale; then "
+                     "ADAPTER ./OUT.gguf in the Modelfile", formats=("peft",)),
     Rule("runtime-scale", "not-as-trained", "convert/convert.go: AdapterParameters.KV", _mlx_scale, formats=("mlx",)),
     Rule("runtime-keys-unused", "will-not-load", "convert/convert_llama_adapter.go: llamaAdapter.Replacements",
          checks.unused_in_base("are not renamed to the base's GGUF names, so llama.cpp refuses them"),
          checks.unused_hint, needs_base=True, formats=("peft",)),
 )
 
-register_serving(ServingRuntime("ollama", "Ollama", ("0.3.0", "0.13.0"), RULES, reads=("peft", "mlx"),
+register_serving(ServingRuntime("ollama", "Ollama", ("0.3.0", "0.13.0"), RULES, reads=("peft", "mlx", "gguf"),
                                 format_source="convert/convert.go: ConvertAdapter"))
