@@ -137,6 +137,20 @@ def load_json(path: Path, error: ErrorType = LorafitError) -> Any:
     return parse_json(raw, path, error)
 
 
+def load_config(directory: Path, name: str) -> dict[str, Any]:
+    """The JSON object `directory/name` (an adapter's config). Raises AdapterNotFoundError when it is missing and
+    AdapterFormatError when it is not a JSON object, each naming the file."""
+    from ..errors import AdapterFormatError, AdapterNotFoundError
+
+    path = directory / name
+    if not os.path.lexists(path):
+        raise AdapterNotFoundError(f"{name} is missing", directory)
+    config = load_json(path, AdapterFormatError)
+    if not isinstance(config, dict):
+        raise AdapterFormatError("is not a JSON object", path)
+    return config
+
+
 def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """object_pairs_hook that refuses a repeated key (json keeps the last silently)."""
     out: dict[str, Any] = {}

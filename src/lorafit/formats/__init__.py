@@ -56,6 +56,24 @@ class Format(Protocol):
         ...
 
 
+class ReadOnlyFormat:
+    """The parts of a Format that lorafit reads but fix does not write (mlx-lm, GGUF): no rules of its own, and
+    `write` refused with the way to a PEFT adapter."""
+
+    name: str
+
+    def adapter_rules(self, adapter: Adapter) -> list[Finding]:
+        return []
+
+    def landing_rules(self, adapter: Adapter, tree: ModuleTree, landing: Landing, hint: str | None) -> list[Finding]:
+        return []
+
+    def write(self, adapter: Adapter, landing: Landing, tree: ModuleTree, out_dir: Path,
+              source_desc: str | None = None, follow_symlinks: bool = True) -> dict[str, str]:
+        raise LorafitError(f"fix writes PEFT adapters and this one is {self.name}; lorafit convert reads it (see "
+                           "lorafit convert --help)", adapter.path)
+
+
 _REGISTRY: dict[str, Format] = {}
 _BUILTIN = ("peft", "mlx", "gguf")  # imported on first use, so that `import lorafit` stays cheap
 

@@ -7,11 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ...adapter import Adapter
-from ...align import Landing
-from ...errors import LorafitError
-from ...findings import Finding
-from ...tree import ModuleTree
-from .. import register_format
+from .. import ReadOnlyFormat, register_format
 from .reader import CONFIG_NAME, WEIGHTS_NAME
 
 _LAYER = re.compile(r"^(?P<stem>.*\blayers)\.(?P<n>\d+)\.(?P<key>.+)$")
@@ -23,7 +19,7 @@ def layer_key(path: str) -> tuple[str, int, str] | None:
     return (m.group("stem"), int(m.group("n")), m.group("key")) if m else None
 
 
-class MlxFormat:
+class MlxFormat(ReadOnlyFormat):
     """mlx-lm's LoRA adapters, as mlx_lm.tuner.utils.load_adapters reads them."""
 
     name = "mlx"
@@ -53,17 +49,6 @@ class MlxFormat:
             return k is not None and k[1] >= first and k[2] in keys
 
         return targeted
-
-    def adapter_rules(self, adapter: Adapter) -> list[Finding]:
-        return []
-
-    def landing_rules(self, adapter: Adapter, tree: ModuleTree, landing: Landing, hint: str | None) -> list[Finding]:
-        return []
-
-    def write(self, adapter: Adapter, landing: Landing, tree: ModuleTree, out_dir: Path,
-              source_desc: str | None = None, follow_symlinks: bool = True) -> dict[str, str]:
-        raise LorafitError("fix writes PEFT adapters; convert an mlx-lm adapter first: lorafit convert "
-                           f"{adapter.path} --to peft -o OUT")
 
 
 register_format(MlxFormat())

@@ -7,14 +7,13 @@ so lorafit's core (align, merge) reads mlx adapters as it reads any other; `tens
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...adapter import Adapter, LoraModule
 from ...errors import AdapterFormatError, AdapterNotFoundError
-from ...fileio.inputs import load_json
+from ...fileio.inputs import load_config
 from ...fileio.safetensors_header import read_safetensors_header
 from ...tensor_info import TensorInfo
 
@@ -29,11 +28,7 @@ ROLES = {"lora_a": "A", "lora_b": "B"}
 def read_config(path: Path) -> dict[str, Any]:
     """The mlx-lm config, with the fields load_adapters needs checked. Raises AdapterFormatError otherwise."""
     cfg_path = path / CONFIG_NAME
-    if not os.path.lexists(cfg_path):
-        raise AdapterNotFoundError(f"{CONFIG_NAME} is missing", path)
-    config = load_json(cfg_path, AdapterFormatError)
-    if not isinstance(config, dict):
-        raise AdapterFormatError("is not a JSON object", cfg_path)
+    config = load_config(path, CONFIG_NAME)
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
         raise AdapterFormatError(f"fine_tune_type {kind!r}: lorafit reads mlx-lm LoRA adapters", cfg_path)

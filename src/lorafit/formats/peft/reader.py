@@ -8,7 +8,6 @@ here; tensor data is read on demand through `Adapter.tensor`.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ...adapter import Adapter, ExtraKind, ExtraTensor, LoraKind, LoraModule
 from ...errors import AdapterFormatError, AdapterNotFoundError
 from ...fileio.hub import cached_snapshot, looks_like_repo_id
-from ...fileio.inputs import load_json, open_regular
+from ...fileio.inputs import load_config, open_regular
 from ...fileio.safetensors_header import read_safetensors_header
 from ...tensor_info import TensorInfo
 from ...user_regex import RegexTimeout
@@ -86,11 +85,7 @@ def read_config(path: Path) -> dict[str, Any]:
         AdapterNotFoundError / AdapterFormatError: missing, empty, not JSON, or not a LoRA config.
     """
     cfg_path = path / CONFIG_NAME
-    if not os.path.lexists(cfg_path):
-        raise AdapterNotFoundError(f"{CONFIG_NAME} is missing", path)
-    config = load_json(cfg_path, AdapterFormatError)
-    if not isinstance(config, dict):
-        raise AdapterFormatError("is not a JSON object", cfg_path)
+    config = load_config(path, CONFIG_NAME)
     peft_type = config.get("peft_type")
     if peft_type is None:
         raise AdapterFormatError("has no peft_type; a PEFT adapter config always names one", cfg_path)
