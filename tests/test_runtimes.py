@@ -268,8 +268,9 @@ def test_a_resized_vocabulary_saves_full_weights_even_without_modules_to_save(ba
                                                                              tmp_path: Path) -> None:
     """PEFT saves embed_tokens and lm_head whole when the vocabulary was resized, whatever modules_to_save says:
     the servers judge the tensor keys, so lorafit does too."""
-    from conftest import load_model
     from peft import LoraConfig, get_peft_model
+
+    from conftest import load_model
 
     model = load_model(bases["llama"], CAUSAL)
     model.resize_token_embeddings(80)
