@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lorafit-installed
 
-.PHONY: demo test test-clients lint bench blueprints clean fuzz
+.PHONY: demo test test-clients test-install lint bench blueprints clean fuzz
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,18 @@ $(CLIENTS_STAMP): requirements-clients.lock $(STAMP)
 
 test-clients: $(CLIENTS_STAMP)
 	LORAFIT_CLIENTS=1 $(VENV)/bin/pytest tests/clients
+
+# The README's Install section, as a library user follows it: a fresh venv, torch first, then lorafit with the tested
+# versions; then the CLI runs the demo there.
+INSTALL_VENV := build/install-venv
+test-install:
+	rm -rf $(INSTALL_VENV)
+	python3 -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(INSTALL_VENV)/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock ".[gguf]"
+	cd build && ../$(INSTALL_VENV)/bin/lorafit --version
+	cd build && ../$(INSTALL_VENV)/bin/lorafit demo
+	rm -rf $(INSTALL_VENV)
 
 # Fuzz the five commands with mutated inputs for FUZZ_SECONDS (make fuzz FUZZ_SECONDS=60); a new violation is
 # saved to tests/fuzz/corpus/, which `make test` replays.

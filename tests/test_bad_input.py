@@ -154,10 +154,10 @@ def test_broken_adapter(bases: dict[str, Path], good_adapter: Path, tmp_path: Pa
 
 def test_base_model_not_found(good_adapter: Path, tmp_path: Path) -> None:
     before = snapshot(good_adapter.parent)
-    for base in (tmp_path / "no-such-model", "org/not-in-cache"):
+    for base, how in ((tmp_path / "no-such-model", "Pass a local directory"),
+                      ("org/not-in-cache", "`hf download org/not-in-cache config.json`")):
         code, out, err = cli("check", good_adapter, "--base", base)
-        assert_one_line_error(code, out, err, f"{base}:", "not found locally", "never downloads",
-                              "Pass a local directory")
+        assert_one_line_error(code, out, err, f"{base}:", "not found locally", "never downloads", how)
     assert snapshot(good_adapter.parent) == before
 
 
@@ -183,7 +183,7 @@ def test_fix_refuses_an_existing_output_without_force(bases: dict[str, Path], go
     (out_dir / "mine.txt").write_text("do not touch")
     before = snapshot(tmp_path)
     code, out, err = cli("fix", adapter, "--base", bases["gpt2"], "--class", "AutoModel", "-o", out_dir)
-    assert_one_line_error(code, out, err, f"{out_dir}:", "already exists", "--force")
+    assert_one_line_error(code, out, err, f"{out_dir}:", "already exists", "--overwrite")
     assert snapshot(tmp_path) == before  # OUT untouched, no partial directory beside it, adapter unchanged
 
 

@@ -3,6 +3,8 @@ lorafit's own GGUF reader), and bad GGUF input. llama.cpp's proof is tests/clien
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +58,14 @@ def test_what_gguf_cannot_hold_is_refused(bases: dict[str, Path], tmp_path: Path
 
 def test_bad_input(bases: dict[str, Path], tmp_path: Path) -> None:
     make_adapter(bases["llama"], CAUSAL, tmp_path / "a")
-    code, out, err = cli("convert", tmp_path / "a", "--to", "gguf", "-o", tmp_path / "a.gguf")
-    assert_one_line_error(code, out, err, "--to gguf needs --base")
-    cli("convert", tmp_path / "a", "--to", "gguf", "-o", tmp_path / "a.gguf", "--base", bases["llama"])
+    nameless = tmp_path / "nameless"
+    shutil.copytree(tmp_path / "a", nameless)
+    config = json.loads((nameless / "adapter_config.json").read_text())
+    (nameless / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": None}))
+    code, out, err = cli("convert", nameless, "--to", "gguf", "-o", tmp_path / "n.gguf")
+    assert_one_line_error(code, out, err, "--to gguf needs --base (the adapter names no base)")
+    # without --base, the base the adapter names
+    assert cli("convert", tmp_path / "a", "--to", "gguf", "-o", tmp_path / "a.gguf").code == 0
     code, out, err = cli("convert", tmp_path / "a", "--to", "gguf", "-o", tmp_path / "a.gguf", "--base", bases["llama"])
     assert_one_line_error(code, out, err, "a.gguf", "already exists")
     data = (tmp_path / "a.gguf").read_bytes()

@@ -43,7 +43,7 @@ def test_refuses_to_overwrite_without_force(adapter: Path, bases: dict[str, Path
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = cli("fix", adapter, "--base", bases["llama"], "--class", "AutoModel", "-o", out)
-    assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "mine"
     code, _, _ = cli("fix", adapter, "--base", bases["llama"], "--class", "AutoModel", "-o", out, "--force")
     assert code == 0 and not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()

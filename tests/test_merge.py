@@ -257,4 +257,8 @@ def test_cli_merge_json_summary(tmp_path: Path, bases: dict[str, Path]) -> None:
     assert data["result"]["safe_merge"] and data["result"]["tensors_changed"] == 4
     assert [f["code"] for f in data["findings"]] == ["merged"]
     existing = cli("merge", tmp_path / "a", "--base", bases["bert"], "-o", tmp_path / "out")
-    assert existing.code == 2 and "--force" in existing.err
+    assert existing.code == 2 and "--overwrite" in existing.err
+    # --force means "despite error findings" only; replacing OUT is --overwrite
+    assert cli("merge", tmp_path / "a", "--base", bases["bert"], "-o", tmp_path / "out", "--force").code == 2
+    replaced = cli("merge", tmp_path / "a", "--base", bases["bert"], "-o", tmp_path / "out", "--overwrite")
+    assert replaced.code == 0, replaced.output

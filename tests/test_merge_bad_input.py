@@ -101,7 +101,8 @@ def test_verify_merge_truncated_merged_shard(sharded: dict[str, Path], tmp_path:
 
 
 def test_bad_options(sharded: dict[str, Path], tmp_path: Path) -> None:
-    for opt in (["--dtype", "int4"], ["--max-shard-size", "lots"], ["--max-shard-size", "5"]):
+    for opt in (["--dtype", "int4"], ["--max-shard-size", "lots"], ["--max-shard-size", "5"],
+                ["--max-shard-size", "5000000000"]):
         run = cli("merge", sharded["adapter"], "--base", sharded["base"], "-o", tmp_path / "out", *opt)
         assert_one_line_error(*run, opt[1])
         assert not (tmp_path / "out").exists()

@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .errors import AdapterMismatchError, LorafitError
+from .cli_output import (
+    SETTINGS,
+    FormatOpt,
+    JsonOpt,
+    LorafitGroup,
+    OutputFormat,
+    output_format,
+    quiet_libraries,
+    run_command,
+)
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+    cls=LorafitGroup, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Make sure a LoRA adapter really lands on the model it is loaded into.\n\n"
          "Exit codes: 0 clean, 1 an error finding, 2 bad input or usage. Nothing is ever downloaded.",
@@ -39,16 +47,26 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print lorafit's version and the library versions it sees.")]
+          = False,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every key of a finding, not the "
+                                                "first few.")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Show only the findings and the verdict.")]
+          = False,
+          no_color: Annotated[bool, typer.Option("--no-color", help="No colors (NO_COLOR=1 does the same).")]
           = False) -> None:
     """Make sure a LoRA adapter really lands on the model it is loaded into."""
+    SETTINGS.verbosity = 1 if verbose else -1 if quiet else 0
+    SETTINGS.color = not no_color and not os.environ.get("NO_COLOR")
 
 
 ClassOpt = Annotated[str | None, typer.Option(
     "--class", "-c", help="The class you load the base with: an Auto class (AutoModel, AutoModelForCausalLM, "
     "AutoModelForSequenceClassification, ...) or a concrete one (LlamaModel). Default: what task_type implies.")]
-BaseOpt = Annotated[str, typer.Option("--base", "-b", help="Base model: a local directory, or a hub id already "
-                                      "in the local HF cache.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema lorafit.report/1).")]
+BaseOpt = Annotated[str | None, typer.Option(
+    "--base", "-b", help="Base model: a local directory, or a hub id in the local HF cache. Default: the base the "
+    "adapter names (base_model_name_or_path); the report says which.")]
+RevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", help="Branch, tag or commit of the base's hub snapshot in the HF cache (JSON: target.snapshot).")]
 MapOpt = Annotated[list[str] | None, typer.Option(
     "--key-mapping", "-k", help="Rewrite module paths with a regex, REGEX=REPLACEMENT (repeatable, first match "
     "wins), like PEFT's key_mapping. Overrides the automatic layout search.")]
@@ -59,16 +77,6 @@ AdapterArg = Annotated[str, typer.Argument(help="Adapter directory (adapter_conf
                                            "holding one adapter, or a hub id in the local HF cache.")]
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-
 def _quiet_transformers() -> None:
     """transformers' load report and progress bar: lorafit's report says what matters."""
     from transformers.utils import logging as hf_logging
@@ -77,54 +85,14 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _emit(report: Any, as_json: bool, show_modules: bool = False) -> None:
-    if as_json:
-        sys.stdout.write(report.dumps() + "\n")
-    else:
-        from .render import render
-
-        render(report, show_modules=show_modules)
-    raise typer.Exit(report.exit_code)
-
-
-def _run(fn: Callable[[], Any], as_json: bool, show_modules: bool = False) -> None:
-    """Call the API; a user error becomes one line on stderr and exit 2."""
-    _quiet_libraries()
-    try:
-        report = fn()
-    except AdapterMismatchError as e:  # a LorafitError too, but a finding about the adapter (exit 1), not bad input
-        from .report import Report
-
-        if not isinstance(e.report, Report):
-            typer.echo(f"lorafit: {e}", err=True)
-            raise typer.Exit(1) from None
-        report = e.report
-    except LorafitError as e:
-        from .render import printable
-
-        typer.echo(f"lorafit: error: {printable(str(e))}", err=True)
-        raise typer.Exit(2) from None
-    except Exception as e:
-        if os.environ.get("LORAFIT_DEBUG"):
-            raise
-        # A case no rule foresaw: still one line, never a traceback; LORAFIT_DEBUG=1 shows it.
-        from .render import printable
-
-        first = printable((str(e).splitlines() or [""])[0][:300])
-        typer.echo(f"lorafit: error: unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the "
-                   "traceback; please report it)", err=True)
-        raise typer.Exit(2) from None
-    _emit(report, as_json, show_modules)
-
-
 @app.command()
-def inspect(adapter: AdapterArg, as_json: JsonOpt = False,
+def inspect(adapter: AdapterArg, as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table,
             modules: Annotated[bool, typer.Option("--modules/--no-modules",
                                                   help="Show the per-module table.")] = True) -> None:
     """What an adapter holds, and whether it is healthy (rank, alpha, scaling, coverage, zeros, NaN)."""
     from .api.check import inspect as run
 
-    _run(lambda: run(adapter), as_json, show_modules=modules)
+    run_command(lambda: run(adapter), output_format(fmt, as_json), "inspect", show_modules=modules)
 
 
 _TREE_ENV = ("The model's module tree comes from a cache, a shipped blueprint, or a meta-device build "
@@ -139,9 +107,7 @@ RuntimeOpt = Annotated[list[str] | None, typer.Option(
 
 
 @app.command(epilog=_TREE_ENV)
-def check(adapter: AdapterArg, base: Annotated[str | None, typer.Option(
-              "--base", "-b", help="Base model: a local directory, or a hub id already in the local HF cache. "
-              "Needed for the transformers runtime.")] = None,
+def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = None,
           class_name: ClassOpt = None, key_mapping: MapOpt = None,
           runtime: RuntimeOpt = None,
           max_lora_rank: Annotated[int | None, typer.Option(
@@ -151,15 +117,13 @@ def check(adapter: AdapterArg, base: Annotated[str | None, typer.Option(
           tower_lora: Annotated[bool, typer.Option(
               "--enable-tower-connector-lora", help="vLLM: the server runs with LoRA on the vision tower and "
               "connector.")] = False,
-          as_json: JsonOpt = False) -> None:
+          as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Will ADAPTER land on BASE loaded with --class, or on each --runtime? Reads config and headers, no weights."""
     if not runtime:
-        if base is None:
-            _usage_error("check needs --base, or --runtime for a serving runtime (vllm, sglang, llama.cpp, ollama, "
-                         "lorax, mlx)")
         from .api.check import check as run
 
-        _run(lambda: run(adapter, base, class_name, key_mapping), as_json)
+        run_command(lambda: run(adapter, base, class_name, key_mapping, revision), output_format(fmt, as_json),
+                    "check")
         return
     settings = {"max_lora_rank": max_lora_rank, "enable_tower_connector_lora": tower_lora or None,
                 "lora_target_modules": lora_target_modules.split(",") if lora_target_modules else None}
@@ -169,20 +133,16 @@ def check(adapter: AdapterArg, base: Annotated[str | None, typer.Option(
 
         return check_runtimes(adapter, runtime, base, class_name, key_mapping, settings)
 
-    _run(run_runtimes, as_json)
-
-
-def _usage_error(message: str) -> None:
-    typer.echo(f"lorafit: error: {message}", err=True)
-    raise typer.Exit(2)
+    run_command(run_runtimes, output_format(fmt, as_json), "check")
 
 
 @app.command(epilog=_TREE_ENV)
-def fix(adapter: AdapterArg, base: BaseOpt,
+def fix(adapter: AdapterArg,
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the fixed adapter to.")],
-        class_name: ClassOpt = None, key_mapping: MapOpt = None,
-        force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
-        follow_symlinks: FollowOpt = False, as_json: JsonOpt = False) -> None:
+        base: BaseOpt = None, revision: RevisionOpt = None, class_name: ClassOpt = None, key_mapping: MapOpt = None,
+        force: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace OUT if it exists, atomically once "
+                                            "the new output is complete.")] = False,
+        follow_symlinks: FollowOpt = False, as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Write a copy of ADAPTER that stock PEFT loads completely on BASE with --class.
 
     Tensors are copied bit for bit under remapped keys; the input is never modified; OUT appears only
@@ -190,33 +150,34 @@ def fix(adapter: AdapterArg, base: BaseOpt,
     """
     from .api.fix import fix as run
 
-    _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force,
-                     follow_symlinks=follow_symlinks), as_json)
+    run_command(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force,
+                            revision=revision,
+                     follow_symlinks=follow_symlinks), output_format(fmt, as_json), "fix")
 
 
 @app.command()
-def verify(adapter: AdapterArg, base: BaseOpt, class_name: ClassOpt = None,
+def verify(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = None, class_name: ClassOpt = None,
            probe: Annotated[bool, typer.Option("--probe", help="Also check each adapted module's output "
                                                "changes on a random input.")] = False,
            lorafit_load: Annotated[bool, typer.Option("--lorafit-load/--stock-load", help="Load with "
                                                       "lorafit.load_adapter (aligned) or with stock "
                                                       "PeftModel.from_pretrained.")] = False,
-           as_json: JsonOpt = False) -> None:
+           as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Load BASE with --class and ADAPTER on top (stock PEFT by default), then prove the load bit for bit."""
 
     def run() -> Any:
         from .api.load import verify_pretrained
 
         _quiet_transformers()
-        return verify_pretrained(adapter, base, class_name, probe=probe, lorafit_load=lorafit_load)
+        return verify_pretrained(adapter, base, class_name, probe=probe, lorafit_load=lorafit_load, revision=revision)
 
-    _run(run, as_json)
+    run_command(run, output_format(fmt, as_json), "verify")
 
 
 @app.command()
 def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files in this directory.")] = None) -> None:
     """Train a tiny Llama adapter, break it the usual way, diagnose it and fix it. No download, < 1 min."""
-    _quiet_libraries()
+    quiet_libraries()
     _quiet_transformers()
     from .demo import run_demo
 
@@ -224,8 +185,9 @@ def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files i
 
 
 @app.command(epilog=_TREE_ENV)
-def merge(adapter: AdapterArg, base: BaseOpt,
+def merge(adapter: AdapterArg,
           out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the merged model to.")],
+          base: BaseOpt = None, revision: RevisionOpt = None,
           class_name: Annotated[str | None, typer.Option(
               "--class", "-c", help="The class the adapter is aligned against. Default: the class the base "
               "checkpoint was saved with (config.json architectures).")] = None,
@@ -238,9 +200,11 @@ def merge(adapter: AdapterArg, base: BaseOpt,
                                                       "2GiB, 500MB.")] = "5GB",
           workers: Annotated[int, typer.Option("--workers", min=1, help="Tensors merged at once (threads); "
                                                "memory grows with each.")] = 2,
-          force: Annotated[bool, typer.Option("--force", help="Merge even when check reports errors; overwrite "
-                                              "OUT.")] = False,
-          follow_symlinks: FollowOpt = False, as_json: JsonOpt = False) -> None:
+          force: Annotated[bool, typer.Option("--force", help="Merge even when check reports errors (the "
+                                              "findings are kept in the report).")] = False,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists, atomically once "
+                                                  "the new model is complete.")] = False,
+          follow_symlinks: FollowOpt = False, as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Merge ADAPTER into BASE and write a full model to OUT, bit-identical to PEFT's merge_and_unload().
 
     Streams the base tensor by tensor (memory: about one tensor per worker plus the adapter). Refuses, with
@@ -249,9 +213,10 @@ def merge(adapter: AdapterArg, base: BaseOpt,
     from .api.merge import merge as run
 
     progress = not as_json and sys.stderr.isatty()
-    _run(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
+    run_command(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
                      safe_merge=safe_merge, max_shard_size=max_shard_size, force=force, workers=workers,
-                     progress=progress, follow_symlinks=follow_symlinks), as_json)
+                     progress=progress, follow_symlinks=follow_symlinks, overwrite=overwrite, revision=revision),
+                output_format(fmt, as_json), "merge")
 
 
 @app.command()
@@ -264,8 +229,9 @@ def convert(adapter: AdapterArg,
                 "--base", "-b", help="Base model (local dir or cached hub id). Needed for gguf (tensor names, "
                 "llama.cpp's q/k row order), and for mlx when layers_to_transform leaves the top layers out.")]
             = None,
-            force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
-            as_json: JsonOpt = False) -> None:
+            force: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace OUT if it exists, "
+                                                "atomically once the new output is complete.")] = False,
+            as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Write ADAPTER in another format, exactly (PEFT -> mlx-lm or GGUF, mlx-lm -> PEFT), or refuse and write nothing.
 
     Scales from use_rslora or alpha_pattern are folded into lora_b, smaller ranks zero-padded; OUT appears
@@ -273,20 +239,21 @@ def convert(adapter: AdapterArg,
     """
     from .api.convert import convert as run
 
-    _run(lambda: run(adapter, to, out, base=base, force=force), as_json)
+    run_command(lambda: run(adapter, to, out, base=base, force=force), output_format(fmt, as_json), "convert")
 
 
 @app.command("verify-merge")
 def verify_merge(merged: Annotated[str, typer.Argument(help="Directory of the merged safetensors checkpoint.")],
-                 base: BaseOpt,
                  adapter: Annotated[str, typer.Option("--adapter", "-a", help="The adapter that was merged.")],
+                 base: BaseOpt = None, revision: RevisionOpt = None,
                  class_name: Annotated[str | None, typer.Option(
                      "--class", "-c", help="As for merge: default, the class the base was saved with.")] = None,
-                 key_mapping: MapOpt = None, as_json: JsonOpt = False) -> None:
+                 key_mapping: MapOpt = None, as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Prove MERGED == BASE + ADAPTER: adapted weights within dtype rounding, every other tensor bit-identical."""
     from .api.verify_merge import verify_merge as run
 
-    _run(lambda: run(merged, base, adapter, class_name=class_name, key_mapping=key_mapping), as_json)
+    run_command(lambda: run(merged, base, adapter, class_name=class_name, key_mapping=key_mapping, revision=revision),
+                output_format(fmt, as_json), "verify-merge")
 
 
 class Terminated(BaseException):

@@ -33,14 +33,47 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def render(report: Report, console: Any = None, show_modules: bool = False) -> None:
-    """Print the report for people: summaries, findings with hints, and a verdict line."""
+def render(report: Report, console: Any = None, show_modules: bool = False, verbosity: int = 0,
+           color: bool = True) -> None:
+    """Print the report for people: summaries, findings with hints, and a verdict line.
+
+    Lines are wrapped here, under their finding, and never end in spaces; a command in a hint stands alone on its
+    line, unwrapped, so it can be pasted from any terminal or log. verbosity -1 leaves out the summaries, 1 lists
+    every key of a finding.
+    """
+    import io
+
     from rich.console import Console
-    from rich.markup import escape
+
+    target = console or Console(no_color=not color, highlight=False)
+    width = max(60, target.width)
+    buffer = Console(file=io.StringIO(), width=width, force_terminal=target.is_terminal and color,
+                     color_system="truecolor" if color and target.color_system else None, no_color=not color,
+                     highlight=False, legacy_windows=False)
+    if verbosity >= 0:
+        _render_summary(report, buffer)
+        if show_modules and report.modules:
+            _render_modules(report, buffer, width)
+        if report.result.get("runtimes"):
+            _render_runtimes(report.result["runtimes"], buffer)
+    _render_findings(report, buffer, width, verbosity)
+    errors = len(report.errors())
+    verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/] ({errors} error finding{'s' * (errors != 1)})"
+    buffer.print(f"{report.command}: {verdict}")
+    text = buffer.file.getvalue()  # type: ignore[attr-defined]
+    target.file.write("\n".join(_TRAILING.sub(r"\1", line) for line in text.split("\n")))
+    target.file.flush()
+
+
+# spaces at the end of a line, before any closing color codes
+_TRAILING = re.compile(r"[ \t]+((?:\x1b\[[0-9;]*m)*)$")
+_INDENT = " " * 10
+
+
+def _render_summary(report: Report, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console = console or Console()
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
     summary.add_column()
@@ -57,23 +90,46 @@ def render(report: Report, console: Any = None, show_modules: bool = False) -> N
         if isinstance(v, (str, int, float, bool)):
             summary.add_row(k, Text(printable(str(v))))
     console.print(summary)
-    if show_modules and report.modules:
-        _render_modules(report, console)
-    if report.result.get("runtimes"):
-        _render_runtimes(report.result["runtimes"], console)
+
+
+def is_command(hint: str) -> bool:
+    """A hint that is a command line to paste (it is printed alone and unwrapped)."""
+    return hint.startswith(("lorafit ", "hf ", "pip ", "python "))
+
+
+def _render_findings(report: Report, console: Any, width: int, verbosity: int) -> None:
+    import textwrap
+
+    from rich.markup import escape
+
+    def wrapped(text: str, first: str = "", style: str = "") -> None:
+        lines = textwrap.wrap(printable(text), width=width, initial_indent=first or _INDENT,
+                              subsequent_indent=_INDENT, break_on_hyphens=False) or [first]
+        for line in lines:
+            console.print(f"[{style}]{escape(line)}[/]" if style else escape(line), soft_wrap=True)
+
     hints_shown: set[str] = set()
+    shown = 5 if verbosity > 0 else 3
     for f in sort_findings(report.findings):
-        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {escape(printable(f.message))}",
-                      highlight=False)
-        for k in f.keys[:3]:
-            console.print(Text(printable(f"          e.g. {k}"), style="dim"), highlight=False)
-        if f.count and f.count > min(3, len(f.keys)):
-            console.print(f"          (+{f.count - min(3, len(f.keys))} more)", style="dim")
+        head = f"{f.severity:<7} {f.code}  "
+        lines = textwrap.wrap(printable(head + f.message), width=width, subsequent_indent=_INDENT,
+                              break_on_hyphens=False)
+        first = lines[0][len(head):] if lines else ""
+        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {escape(first)}", soft_wrap=True)
+        for line in lines[1:]:
+            console.print(escape(line), soft_wrap=True)
+        for k in f.keys[:shown]:
+            console.print(f"[dim]{escape(printable(f'{_INDENT}e.g. {k}'))}[/]", soft_wrap=True)
+        more = (f.count or 0) - min(shown, len(f.keys))
+        if more > 0:
+            console.print(f"[dim]{_INDENT}(+{more} more{'; --json lists them' if verbosity > 0 else ''})[/]")
         if f.hint and f.hint not in hints_shown:
             hints_shown.add(f.hint)
-            console.print(f"          fix: [green]{escape(printable(f.hint))}[/]", highlight=False)
-    verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/] ({len(report.errors())} error findings)"
-    console.print(f"{report.command}: {verdict}")
+            if is_command(f.hint):
+                console.print(f"{_INDENT}fix:")
+                console.print(f"[green]{escape(printable(f.hint))}[/]", soft_wrap=True)
+            else:
+                wrapped(f"fix: {f.hint}", first=_INDENT, style="green")
 
 
 _VERDICT_STYLE = {"loads": "green", "loads, not as trained": "yellow", "will not load": "red"}
@@ -93,8 +149,9 @@ def _render_runtimes(rows: list[dict[str, Any]], console: Any) -> None:
     console.print(table)
 
 
-def _render_modules(report: Report, console: Any) -> None:
-    """One row per module name and hyper-parameters, with the layers it covers (224 rows would bury it)."""
+def _render_modules(report: Report, console: Any, width: int = 200) -> None:
+    """One row per module name and hyper-parameters, with the layers it covers (224 rows would bury it); below
+    120 columns (a terminal of 80, a log, a pipe) one line per row, so that no column is squeezed."""
     from rich.table import Table
     from rich.text import Text
 
@@ -106,6 +163,17 @@ def _render_modules(report: Report, console: Any) -> None:
         name, layer = (f"{match.group(1)}.*.{match.group(3)}", match.group(2)) if match else (path, "")
         key = (name, *(str(m.get(c, "")) for c in cols))
         groups.setdefault(key, []).append(layer)
+    if width < 120:
+        console.print("[bold]modules[/]")
+        for key, layers in groups.items():
+            nums = sorted(int(x) for x in layers if x)
+            values = dict(zip(cols, key[1:], strict=True))
+            extra = " ".join(f"{c}={values[c]}" for c in ("dora", "bias") if values[c] not in ("False", ""))
+            line = (f"{key[0]} [{ranges(nums) or '-'}] {values['kind']} r={values['r']} alpha={values['alpha']} "
+                    f"scaling={values['scaling']} {values['in']}->{values['out']} {values['dtype']} {extra} "
+                    f"{values['health']}")
+            console.print(Text(printable(" ".join(line.split()))), soft_wrap=True)
+        return
     table = Table(title="modules")
     for c in ["path", "layers", *cols]:
         table.add_column(c, overflow="fold")

@@ -52,6 +52,46 @@ class Report:
             "modules": self.modules, "result": self.result,
         }
 
+    def _lines(self) -> list[tuple[str, str]]:
+        """(style, line): the verdict, then each finding with its first keys and fix (a report's short form)."""
+        errors = len(self.errors())
+        verdict = "OK" if self.ok else f"FAIL ({errors} error finding{'s' * (errors != 1)})"
+        out = [("bold green" if self.ok else "bold red", f"lorafit {self.command}: {verdict}")]
+        style = {ERROR: "red", WARNING: "yellow", INFO: "cyan"}
+        for f in sort_findings(self.findings):
+            out.append((style[f.severity], f"{f.severity:<7} {f.code}  {f.message}"))
+            out += [("dim", f"          e.g. {k}") for k in f.keys[:3]]
+            if f.hint:
+                out.append(("green", f"          fix: {f.hint}"))
+        return out
+
+    def __str__(self) -> str:
+        """print(report): the verdict and the findings, as plain text."""
+        return "\n".join(line for _, line in self._lines())
+
+    def __rich__(self) -> Any:
+        """The same, styled, in a rich console (rich.print(report), IPython with rich)."""
+        from rich.text import Text
+
+        text = Text()
+        for style, line in self._lines():
+            text.append(line + "\n", style=style)
+        return text
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the verdict, then one row per finding with its code, message, keys and fix."""
+        from html import escape
+
+        color = {ERROR: "#c62828", WARNING: "#b26a00", INFO: "#1565c0"}
+        verdict = "OK" if self.ok else f"FAIL ({len(self.errors())} error finding{'s' * (len(self.errors()) != 1)})"
+        rows = "".join(
+            f"<tr><td style='color:{color[f.severity]}'>{f.severity}</td><td><code>{escape(f.code)}</code></td>"
+            f"<td>{escape(f.message)}{''.join(f'<br><small>e.g. {escape(k)}</small>' for k in f.keys[:3])}"
+            f"{f'<br><b>fix:</b> <code>{escape(f.hint)}</code>' if f.hint else ''}</td></tr>"
+            for f in sort_findings(self.findings))
+        head = f"<p><b>lorafit {escape(self.command)}: {escape(verdict)}</b></p>"
+        return head + (f"<table><tr><th>severity</th><th>code</th><th>finding</th></tr>{rows}</table>" if rows else "")
+
     def dumps(self) -> str:
         """Strict JSON: a non-finite number (an error that is NaN or infinite) is written as null."""
         return json.dumps(_finite(self.to_json()), indent=2, default=str, allow_nan=False)
@@ -78,3 +118,10 @@ def ranges(nums: list[int]) -> str:
             out.append(str(start) if start == n else f"{start}-{n}")
             start = None
     return ",".join(out)
+
+
+def error_json(command: str, error: BaseException, message: str) -> str:
+    """What a command prints as JSON on bad input (exit 2), so that `| jq` always has a document to read."""
+    path = getattr(error, "path", None)
+    return json.dumps({"schema": SCHEMA, "command": command, "ok": False, "exit_code": 2,
+                       "error": {"type": type(error).__name__, "message": message, "path": path}}, indent=2)

@@ -145,8 +145,9 @@ def alignment_summary(al: Alignment) -> dict[str, Any]:
 
 def _fix_command(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]]) -> str:
     """The exact `lorafit fix` command line that lands `a` on `target`."""
+    # the output is suggested in the current directory: never beside an adapter that lies in the HF cache
     cmd = ["lorafit", "fix", str(a.path), "--base", target.base or "MODEL", "--class", target.how,
-           "-o", str(a.path.parent / f"{a.path.name}-{target.how.lower()}")]
+           "-o", f"{a.path.name}-{target.how.lower()}"]
     for p, r in key_mapping:
         cmd += ["--key-mapping", f"{p}={r}"]
     return shlex.join(cmd)
@@ -181,25 +182,44 @@ def _run_check(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]
     return Checked(report, a, target, al, runtime)
 
 
-def check(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
-          key_mapping: Sequence[str] | dict[str, str] | None = None) -> Report:
+def check(adapter: Adapter | str | Path, base: str | Path | Any = None, class_name: str | type | None = None,
+          key_mapping: Sequence[str] | dict[str, str] | None = None, revision: str | None = None) -> Report:
     """Will this adapter land on `base` loaded as `class_name`? Works from config and headers only.
 
     Args:
         adapter: adapter dir, hub id in the local cache, or an Adapter.
-        base: a local model dir or cached hub id, or a live nn.Module / PeftModel.
+        base: a local model dir or cached hub id, or a live nn.Module / PeftModel; default: the base the adapter
+            names (base_model_name_or_path). The report's target says which, and where it came from.
         class_name: Auto class or concrete class, by name or as the class itself (AutoModel);
             default: what the adapter's task_type implies.
         key_mapping: user regex rewrites of module paths ('REGEX=REPL' strings or a dict).
+        revision: the branch, tag or commit of a hub id's snapshot in the HF cache.
     Returns:
         the Report; `report.ok` is False when any finding is an error.
     Raises:
         LorafitError: unreadable adapter, unknown class, base not found locally.
     """
     try:
-        return run_check_for(adapter, base, class_name, key_mapping).report
+        return run_check_on(adapter, base, class_name, key_mapping, revision).report
     except TargetRefused as e:
         return adapter_only_report("check", adapter, e.finding)
+
+
+def run_check_on(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
+                 key_mapping: Sequence[str] | dict[str, str] | None = None, revision: str | None = None,
+                 needs: str = "config") -> Checked:
+    """run_check_for with the base resolved as check resolves it (default: the adapter's own; see api/base.py);
+    the report's target says which base, and from where."""
+    from .base import is_live, resolve_base
+
+    a = ensure_adapter(adapter)
+    if is_live(base):
+        return run_check_for(a, base, class_name, key_mapping)
+    ref = resolve_base(a, base, revision, needs)
+    checked = run_check_for(a, ref.path, class_name, key_mapping, label=ref.spec)
+    if checked.report.target is not None:
+        checked.report.target |= ref.summary()
+    return checked
 
 
 def adapter_only_report(command: str, adapter: Adapter | str | Path, finding: Finding,
@@ -235,12 +255,15 @@ def class_name_of(class_name: str | type | None) -> str | None:
 
 
 def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
-                  key_mapping: Sequence[str] | dict[str, str] | None = None) -> Checked:
-    """check, keeping the intermediate objects (see Checked)."""
+                  key_mapping: Sequence[str] | dict[str, str] | None = None, label: str | None = None) -> Checked:
+    """check, keeping the intermediate objects (see Checked). `label` names the base in hints (the user's hub id
+    where `base` is its snapshot directory)."""
     a = ensure_adapter(adapter)
     mapping = parse_key_mapping(key_mapping)
     runtime = get_runtime()
     target = runtime.target(base, class_name_of(class_name), a)
+    if label is not None:
+        target.base = label
     return run_check(a, target, mapping, runtime=runtime)
 
 

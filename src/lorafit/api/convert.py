@@ -80,8 +80,10 @@ def convert(adapter: Adapter | str | Path, to: str, out: str | Path, base: str |
     if a.format == to:
         raise LorafitError(f"the adapter is already in the {to} format", a.path)
     if to == "gguf" and base is None:
-        raise LorafitError("--to gguf needs --base: the GGUF tensor names and llama.cpp's row order come from the "
-                           "base's architecture")
+        if not a.base_model:
+            raise LorafitError("--to gguf needs --base (the adapter names no base): the GGUF tensor names and "
+                               "llama.cpp's row order come from the base's architecture")
+        base = a.base_model  # the base the adapter names, as for check
     if to == "peft" and a.format != "mlx":
         raise LorafitError(f"--to peft converts mlx-lm adapters; this one is {a.format}", a.path)
     why = _refusals(a, to)

@@ -17,8 +17,7 @@ from ..findings import FIX, Finding, mended_by
 from ..formats import format_of, read_adapter
 from ..report import Report
 from ..targets import TargetRefused
-from ..targets.transformers.resolve import resolve_model_dir
-from .check import Checked, adapter_only_report, run_check, run_check_for
+from .check import Checked, adapter_only_report, run_check, run_check_on
 
 
 def _cleaned(staging: OutputDir) -> list[Finding]:
@@ -49,13 +48,16 @@ def _refused(report: Report, after: Report, cleaned: list[Finding], out: Path) -
     return report
 
 
-def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, class_name: str | None = None,
+def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, class_name: str | type | None = None,
         key_mapping: Sequence[str] | dict[str, str] | None = None, force: bool = False,
-        follow_symlinks: bool = False) -> Report:
+        follow_symlinks: bool = False, revision: str | None = None) -> Report:
     """Rewrite `adapter` so that `PeftModel.from_pretrained(C.from_pretrained(base), out)` loads it completely.
 
     Args:
+        base: as for check (None: the base the adapter names).
+        force: replace `out` if it exists.
         follow_symlinks: copy files that are symlinks out of the adapter directory (refused by default).
+        revision: the branch, tag or commit of a hub id's snapshot in the HF cache.
     Returns:
         a Report with command "fix". When `report.ok` is False nothing was written and the findings say why.
     Raises:
@@ -64,7 +66,7 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
     """
     out = Path(out)
     try:
-        checked = run_check_for(adapter, base, class_name, key_mapping)
+        checked = run_check_on(adapter, base, class_name, key_mapping, revision)
     except TargetRefused as e:
         return adapter_only_report("fix", adapter, e.finding, out)
     report = checked.report
@@ -73,8 +75,8 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
         report.result = {"written": False, "out": str(out)}
         return report
     inputs = [checked.adapter.path]
-    if isinstance(base, (str, Path)):
-        inputs.append(resolve_model_dir(base))
+    if checked.target.path is not None:  # a base read from disk: never written into
+        inputs.append(checked.target.path)
     staging = OutputDir(out, force=force, protect=inputs)
     with staging as tmp:
         provenance, after = _write_checked(checked, tmp, follow_symlinks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,9 @@ def verify(peft_model: Any, adapter: Adapter | str | Path, adapter_name: str | N
                                              "probed": probe})
 
 
+_log = logging.getLogger("lorafit")
+
+
 def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = "default", strict: bool = True,
                  **kwargs: Any) -> Any:
     """Load `adapter` onto `model` (any class) through stock PEFT, aligning paths first, then verify.
@@ -227,6 +231,9 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
         problems = _problems([f for f in checked.report.errors()
                               if f.code in ("ambiguous-layout", "shape-mismatch", "embedding-size")])
         raise AdapterMismatchError(f"{a.path} does not land on {tree.class_name}", problems, checked.report)
+    how = chosen.rewrite.describe()
+    if how != "as saved" or a.unrooted_keys:
+        _log.info("lorafit: loading %s onto %s after rewriting its module paths (%s)", a.path, tree.class_name, how)
     with tempfile.TemporaryDirectory(prefix="lorafit-load-") as tmp:
         format_of(a).write(a, chosen, tree, Path(tmp))
         with warnings.catch_warnings():
@@ -246,8 +253,9 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
     return peft_model
 
 
-def verify_pretrained(adapter: Adapter | str | Path, base: str | Path, class_name: str | type | None = None,
-                      probe: bool = False, lorafit_load: bool = False) -> Report:
+def verify_pretrained(adapter: Adapter | str | Path, base: str | Path | None = None,
+                      class_name: str | type | None = None, probe: bool = False, lorafit_load: bool = False,
+                      revision: str | None = None) -> Report:
     """Load `base` as `class_name` and `adapter` on top (stock PEFT, or load_adapter), then verify the load.
 
     Stock PEFT raising while it loads is itself the finding (load-failed), not an error of this call.
@@ -255,11 +263,13 @@ def verify_pretrained(adapter: Adapter | str | Path, base: str | Path, class_nam
     Raises:
         LorafitError: unreadable adapter, base not found locally, unknown class.
     """
-    from ..targets.transformers.resolve import load_config, resolve_class, resolve_model_dir
+    from ..targets.transformers.resolve import load_config, resolve_class
+    from .base import resolve_base
     from .check import class_name_of
 
     a = ensure_adapter(adapter)
-    model_dir = resolve_model_dir(base)
+    ref = resolve_base(a, base, revision, needs="weights")
+    model_dir = ref.path
     name = class_name_of(class_name) or get_runtime().default_how(a)
     cls = resolve_class(name, load_config(model_dir), model_dir)
     model = cls.from_pretrained(str(model_dir))  # type: ignore[attr-defined]
@@ -273,5 +283,5 @@ def verify_pretrained(adapter: Adapter | str | Path, base: str | Path, class_nam
         first = (str(e).splitlines() or [""])[0][:200]
         return Report("verify", adapter={"path": str(a.path)}, findings=[Finding(
             "load-failed", f"stock PeftModel.from_pretrained raised {type(e).__name__}: {first}",
-            hint=f"lorafit check {a.path} --base {base} --class {cls.__name__} names the cause")])
+            hint=f"lorafit check {a.path} --base {ref.spec} --class {name} names the cause")])
     return verify(pm, a, probe=probe)

@@ -29,12 +29,13 @@ from ..fileio.checkpoint import (
 from ..fileio.inputs import confined, load_json
 from ..fileio.outputs import OutputDir, write_json
 from ..findings import MERGE, Finding, mended_by
+from ..formats import ensure_adapter
 from ..merging.plan import MergePlan, build_plan
 from ..merging.run import execute, out_code
 from ..report import Report
 from ..targets import TargetRefused
-from ..targets.transformers.resolve import resolve_model_dir
 from ..version import __version__
+from .base import resolve_base
 from .check import Checked, adapter_only_report, alignment_summary, run_check_for_checkpoint
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
@@ -139,22 +140,25 @@ def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: 
     return copied
 
 
-def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, class_name: str | None = None,
+def merge(adapter: Adapter | str | Path, base: str | Path | None, out: str | Path, class_name: str | None = None,
           key_mapping: Sequence[str] | dict[str, str] | None = None, dtype: str | None = None,
           safe_merge: bool = False, max_shard_size: str | int = "5GB", force: bool = False, workers: int = 2,
-          progress: bool = False, follow_symlinks: bool = False) -> Report:
+          progress: bool = False, follow_symlinks: bool = False, overwrite: bool = False,
+          revision: str | None = None) -> Report:
     """Merge `adapter` into the base checkpoint and write a full model to `out`, bit-identical to PEFT's merge.
 
     Args:
         adapter: adapter dir, cached hub id, or Adapter.
-        base: a local model dir (safetensors, one file or sharded) or a hub id in the local cache.
+        base: a local model dir (safetensors, one file or sharded) or a hub id in the local cache; None: the base
+            the adapter names.
         out: the output directory; it appears only when complete.
         class_name: the class the adapter is aligned against; default: the class the checkpoint was saved with.
         key_mapping: user regex rewrites of module paths, as for check.
         dtype: cast floating tensors first, as from_pretrained(dtype=...) would (default: keep the base dtype).
         safe_merge: follow merge_and_unload(safe_merge=True): ΔW rounded to the weight dtype first, NaN refused.
         max_shard_size: largest output shard ("5GB", "2GiB", bytes).
-        force: merge even when check reports errors, and overwrite `out`.
+        force: merge even when check reports errors.
+        overwrite: replace `out` if it exists (atomically, once the new output is complete).
         workers: threads merging tensors at once (memory grows with each).
         progress: show a progress bar on stderr.
         follow_symlinks: read files that are symlinks out of the base or adapter directory (refused by default,
@@ -168,9 +172,10 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
     out = Path(out)
     out_dtype = parse_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
-    if os.path.lexists(out) and not force:
-        raise OutputExistsError("output already exists; pass --force to overwrite it", out)
-    model_dir = resolve_model_dir(base)
+    if os.path.lexists(out) and not overwrite:
+        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    adapter = ensure_adapter(adapter)
+    model_dir = resolve_base(adapter, base, revision, needs="weights").path
     t0 = time.perf_counter()
     with Checkpoint.open(model_dir, follow_symlinks=follow_symlinks) as ckpt:
         try:
@@ -193,7 +198,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path, out: str | Path, clas
         total = sum(s.size for s in shards)
         bar = _Progress(total, progress)
         try:
-            staging = OutputDir(out, force=force, protect=[model_dir, checked.adapter.path])
+            staging = OutputDir(out, force=overwrite, protect=[model_dir, checked.adapter.path])
             with staging as tmp:
                 writer = ShardWriter(tmp, shards)
                 try:

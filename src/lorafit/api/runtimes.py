@@ -72,9 +72,7 @@ def _base_view(adapter: Adapter, base: str | Path, key_mapping: Any) -> tuple[Ba
 def _transformers(adapter: Adapter, base: Any, class_name: Any, key_mapping: Any) -> Report:
     from .check import check
 
-    if base is None:
-        raise LorafitError("--runtime transformers needs --base (the model PEFT loads the adapter onto)")
-    return check(adapter, base, class_name, key_mapping)
+    return check(adapter, base, class_name, key_mapping)  # no base: the one the adapter names
 
 
 def _verdict_row(name: str, version: str | None, findings: list[Finding], effects: bool = True) -> dict[str, Any]:

@@ -11,6 +11,7 @@ be bit-identical to the base.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ from ..adapter import Adapter
 from ..errors import LorafitError
 from ..fileio.checkpoint import _CHUNK, FLOAT_CODES, TORCH_NAMES, Checkpoint, torch_dtype
 from ..findings import Finding
+from ..formats import ensure_adapter
 from ..merging.math import lora_dtype, parameter_product, torch_threads
 from ..merging.plan import Delta, TensorPlan
 from ..report import Report
 from ..targets import TargetRefused
-from ..targets.transformers.resolve import read_model_config, resolve_model_dir
+from ..targets.transformers.resolve import read_model_config
+from .base import resolve_base
 from .check import adapter_only_report, alignment_summary, run_check_for_checkpoint
 from .merge import plan_merge
 
@@ -243,13 +246,14 @@ def _bit_identical(base: Checkpoint, key: str, merged: Checkpoint, mkey: str) ->
     return True
 
 
-def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | Path, class_name: str | None = None,
-                 key_mapping: Sequence[str] | dict[str, str] | None = None, workers: int = 2) -> Report:
+def verify_merge(merged: str | Path, base: str | Path | None, adapter: Adapter | str | Path,
+                 class_name: str | None = None, key_mapping: Sequence[str] | dict[str, str] | None = None,
+                 workers: int = 2, revision: str | None = None) -> Report:
     """Prove that `merged` is `base` with `adapter` merged: adapted weights within rounding, the rest bit-equal.
 
     Args:
         merged: directory of the merged safetensors checkpoint.
-        base: the base model directory (or cached hub id).
+        base: the base model directory (or cached hub id); None: the base the adapter names.
         adapter: adapter dir, cached hub id, or Adapter.
         class_name, key_mapping: as for merge (which class the adapter is aligned against).
         workers: tensors checked at once (threads).
@@ -260,7 +264,9 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
         LorafitError: unreadable inputs (missing or truncated shards, no adapter), or an adapter that changes
             no tensor of the base.
     """
-    merged_dir, model_dir = Path(merged), resolve_model_dir(base)
+    adapter = ensure_adapter(adapter)
+    ref = resolve_base(adapter, base, revision, needs="weights")
+    merged_dir, model_dir = Path(merged), ref.path
     with Checkpoint.open(model_dir) as bck, Checkpoint.open(merged_dir) as mck:
         try:
             checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping)
@@ -279,7 +285,7 @@ def verify_merge(merged: str | Path, base: str | Path, adapter: Adapter | str | 
     changed = [n for n, eq in zip(same, identical, strict=True) if not eq]
     changed += [f"{n} (not in the base)" for n in mck.tensors if n not in plan.sources]
     dtypes = {TORCH_NAMES[t.dtype] for t in mck.tensors.values() if t.dtype in FLOAT_CODES}
-    findings = _findings(rows, changed, missing, plan.untied, merged_dir, a, base, model_dir, dtypes)
+    findings = _findings(rows, changed, missing, plan.untied, merged_dir, a, ref.spec, model_dir, dtypes)
     bad = sum(not r.ok for r in rows)
     return Report("verify-merge", adapter=checked.report.adapter, target=checked.report.target,
                   alignment=alignment_summary(checked.alignment), findings=findings,
@@ -298,12 +304,14 @@ def _findings(rows: list[_Row], changed: list[str], missing: list[str], untied: 
         findings.append(Finding("merge-non-finite", f"{total} values in {len(broken)} merged tensors are NaN or Inf "
                                 "where the base and the adapter are finite: the merged model is broken",
                                 [r.name for r in broken], count=len(broken),
-                                hint=f"lorafit merge {adapter.path} --base {base} -o MERGED"))
+                                hint=shlex.join(["lorafit", "merge", str(adapter.path), "--base", str(base), "-o",
+                                                 str(merged_dir), "--overwrite"])))
     bad = [r for r in rows if not r.ok and not r.non_finite]
     if rows and len(bad) == len(rows) and all(r.unchanged for r in bad):
         findings.append(Finding("merge-unchanged", f"all {len(rows)} tensors the adapter changes are bit-identical to "
                                 "the base: the adapter was not merged", [r.name for r in bad],
-                                hint=f"lorafit merge {adapter.path} --base {base} -o MERGED"))
+                                hint=shlex.join(["lorafit", "merge", str(adapter.path), "--base", str(base), "-o",
+                                                 str(merged_dir), "--overwrite"])))
     elif bad:
         same = [r for r in bad if r.unchanged]
         worst = max(bad, key=lambda r: r.max_eps)

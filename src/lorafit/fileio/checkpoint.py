@@ -200,7 +200,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def parse_size(size: str | int) -> int:
-    """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, '500MB', '100KB', or a plain number of bytes.
+    """'5GB' -> 5 * 10**9, '2GiB' -> 2 * 2**30, '500MB', '100KB'; an int is bytes. A string needs its unit.
 
     Raises:
         LorafitError: not a size.
@@ -216,9 +216,8 @@ def parse_size(size: str | int) -> int:
     value = int(float(m.group(1)) * scale)
     if value <= 0:
         raise LorafitError(f"--max-shard-size {size!r} must be positive")
-    if m.group(2) is None and value < 10**6:  # '5' is 5 bytes a shard: one file per tensor, surely not meant
-        raise LorafitError(f"--max-shard-size {size!r} means {value} bytes a shard; give a unit, such as "
-                           f"{m.group(1)}GB or {m.group(1)}MB")
+    if m.group(2) is None:  # '5' would be 5 bytes a shard, one file per tensor: surely not what was meant
+        raise LorafitError(f"--max-shard-size {size!r} needs a unit, such as {m.group(1)}GB or {m.group(1)}MB")
     return value
 
 

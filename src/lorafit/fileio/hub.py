@@ -28,11 +28,22 @@ def hf_hub_cache_dir() -> str:
     return os.path.join(os.path.expandvars(os.path.expanduser(home)), "hub")
 
 
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot directory of `repo_id` in the HF cache, or None when it is not cached (or not an id)."""
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot directory of `repo_id` (at `revision`: a branch, tag or commit) in the HF cache, or None
+    when it is not cached (or not an id)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hf_hub_cache_dir()))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=hf_hub_cache_dir()))
     except Exception:  # not cached, a malformed id, an unreadable cache: all mean "not here"
         return None
+
+
+def in_hub_cache(path: Path) -> bool:
+    """Whether `path` lies inside the HF hub cache (where no output belongs: the cache manages its own files)."""
+    cache = Path(hf_hub_cache_dir()).expanduser()
+    try:
+        target, root = path.expanduser().resolve(), cache.resolve()
+    except OSError:
+        return False
+    return target == root or root in target.parents

@@ -169,9 +169,14 @@ class OutputDir:
                 raise LorafitError(f"output would replace the input {p}; write somewhere else", self.out)
             if p in target.parents:
                 raise LorafitError(f"output would be written inside the input {p}; write somewhere else", self.out)
+        from .hub import hf_hub_cache_dir, in_hub_cache
+
+        if in_hub_cache(self.out):
+            raise LorafitError(f"output would be written inside the HF cache ({hf_hub_cache_dir()}), which manages its "
+                               "own files; write somewhere else", self.out)
         self.cleaned = remove_stale(self.out)
         if os.path.lexists(self.out) and not force:
-            raise OutputExistsError("output already exists; pass --force to overwrite it", self.out)
+            raise OutputExistsError("output already exists; pass --overwrite to replace it", self.out)
         self.tmp: Path | None = None
         self._made: list[Path] = []
         self._discarded = False
@@ -217,7 +222,7 @@ class OutputDir:
                 rename_noreplace(self.tmp, self.out)
             except FileExistsError:
                 raise OutputExistsError("output appeared while lorafit was writing it (another process?); it was "
-                                        "left as it is and nothing was written; pass --force to overwrite it",
+                                        "left as it is and nothing was written; pass --overwrite to replace it",
                                         self.out) from None
             return
         if _renameat2(self.tmp, self.out, _RENAME_EXCHANGE):  # tmp now holds the old OUT
@@ -263,7 +268,7 @@ class OutputFile(OutputDir):
                 os.link(src, self.out)
         except FileExistsError:
             raise OutputExistsError("output appeared while lorafit was writing it (another process?); it was left "
-                                    "as it is and nothing was written; pass --force to overwrite it",
+                                    "as it is and nothing was written; pass --overwrite to replace it",
                                     self.out) from None
         except OSError as e:
             raise LorafitError(f"cannot write the output ({e.strerror or e})", self.out) from None

@@ -44,6 +44,7 @@ class Target:
     notes: list[Finding] = field(default_factory=list)  # findings about the base itself (e.g. custom code)
     model: Callable[[], Any] | None = None  # the loaded model on demand (meta is fine), for load-time conversions
     key: str | None = None  # what identifies the base as loaded (config, class, versions), for caches; None if live
+    path: Path | None = None  # the base's directory on disk (None for a live model): an input, never written
 
 
 class Runtime(Protocol):

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from ...adapter import Adapter
+from ...errors import LorafitError
 from .. import ReadOnlyFormat, register_format
+
+
+def gguf_package() -> ModuleType:
+    """The gguf package, or a LorafitError saying how to install it (it is an optional dependency)."""
+    try:
+        import gguf
+    except ImportError:
+        raise LorafitError("GGUF needs the gguf package: pip install 'lorafit[gguf]' (or pip install gguf)") from None
+    return gguf
 
 
 class GgufFormat(ReadOnlyFormat):

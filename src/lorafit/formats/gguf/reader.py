@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ...adapter import Adapter, LoraModule
 from ...errors import AdapterFormatError, AdapterNotFoundError
 from ...tensor_info import TensorInfo
+from . import gguf_package
 
 if TYPE_CHECKING:
     import torch
@@ -26,7 +27,7 @@ def _field(reader: Any, key: str) -> Any:
 
 def open_gguf(path: Path) -> Any:
     """The gguf package's reader of `path`. Raises AdapterFormatError when the file is not a whole GGUF file."""
-    from gguf import GGUFReader
+    GGUFReader = gguf_package().GGUFReader  # noqa: N806
 
     try:
         return GGUFReader(str(path))

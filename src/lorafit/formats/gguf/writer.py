@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter import Adapter
 from ...version import __version__
+from . import gguf_package
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,7 +37,7 @@ class GgufPlan:
 
 def plan(a: Adapter, landing: dict[str, str], config: dict[str, Any]) -> GgufPlan | str:
     """The GGUF names of the adapter's modules on the base (`landing`: adapter path -> base module path), or why not."""
-    import gguf
+    gguf = gguf_package()
 
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
@@ -71,7 +72,7 @@ def regroup_rows(w: np.ndarray, n_head: int, n_kv_head: int) -> np.ndarray:
 
 def write(a: Adapter, p: GgufPlan, out_file: Path) -> dict[str, Any]:
     """Write the GGUF adapter; returns how (alpha, scales folded)."""
-    import gguf
+    gguf = gguf_package()
     import numpy as np
 
     mods = [m for m in a.modules.values() if m.path in p.names]

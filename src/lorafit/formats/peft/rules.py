@@ -63,8 +63,16 @@ def rule_unprefixed(adapter: Adapter) -> list[Finding]:
         return []
     return [Finding("unprefixed-keys", f"{plural(n, 'key')} {verb(n, 'lacks', 'lack')} the 'base_model.model.' "
                     "prefix that PeftModel.from_pretrained matches: it loads none of them and leaves those modules "
-                    "at their init values", adapter.unrooted_keys,
-                    hint=f"lorafit fix {adapter.path} --base MODEL -o OUT writes them with the prefix")]
+                    "at their init values; fix writes them with the prefix", adapter.unrooted_keys,
+                    hint=fix_command(adapter))]
+
+
+def fix_command(adapter: Adapter) -> str:
+    """`lorafit fix` for an adapter judged alone: on the base it names (else --base MODEL), output in the cwd."""
+    import shlex
+
+    base = [] if adapter.base_model else ["--base", "MODEL"]
+    return shlex.join(["lorafit", "fix", str(adapter.path), *base, "-o", f"{adapter.path.name}-fixed"])
 
 
 def adapter_rules(adapter: Adapter) -> list[Finding]:
@@ -94,8 +102,8 @@ def rule_parameter_options(adapter: Adapter) -> list[Finding]:
     if cfg.get("lora_dropout"):
         out.append(Finding("parameter-dropout", f"lora_dropout={cfg['lora_dropout']} with target_parameters: PEFT "
                            "raises ValueError('lora.ParamWrapper does not work with lora_dropout != 0') on load. "
-                           "Dropout only acts in training, so 0 loads the same trained adapter",
-                           hint=f"lorafit fix {adapter.path} -o OUT writes lora_dropout 0"))
+                           "Dropout only acts in training, so 0 loads the same trained adapter; fix writes 0",
+                           hint=fix_command(adapter)))
     refused = [f"{k}={cfg[k]}" for k in ("use_dora", "lora_bias", "fan_in_fan_out") if cfg.get(k)]
     if refused:
         out.append(Finding("parameter-option", f"{', '.join(refused)} with target_parameters: PEFT's ParamWrapper "
@@ -129,7 +137,7 @@ def rule_parameter_ranks(adapter: Adapter, m: Landing) -> list[Finding]:
 def _pattern_mismatch(bad: list[str]) -> Finding:
     return Finding("pattern-mismatch", f"{plural(len(bad), 'module')} resolve rank_pattern/alpha_pattern "
                    "differently on the target's paths: a wrong rank fails to load, a wrong alpha silently "
-                   "rescales the adapter", bad, hint="lorafit fix rewrites the pattern keys")
+                   "rescales the adapter", bad, hint="`lorafit fix` rewrites the pattern keys")
 
 
 def rule_patterns(adapter: Adapter, m: Landing) -> list[Finding]:

@@ -6,14 +6,14 @@ A PEFT adapter reaches llama.cpp through its converter, so the converter's rules
 
 from __future__ import annotations
 
-from ..serving import Context, Rule, ServingRuntime, checks, register_serving
+from ..serving import Context, Rule, ServingRuntime, checks, convert_command, register_serving
 
 _CONVERT = "convert_lora_to_gguf.py: LoraModel.get_tensors"
 _EXIT = "the converter exits: Unexpected name '…': Not a lora_A or lora_B tensor"
 
 
 def _convert_hint(ctx: Context) -> str:
-    return f"lorafit convert {ctx.adapter.path} --to gguf --base BASE -o OUT.gguf folds the scale into lora_b"
+    return convert_command(ctx.adapter, "gguf")  # lorafit folds the scale into lora_b
 
 
 RULES = (

@@ -4,7 +4,7 @@ docs/runtimes.md#ollama."""
 from __future__ import annotations
 
 from ...diagnose import plural
-from ..serving import Context, Rule, ServingRuntime, Verdict, checks, register_serving
+from ..serving import Context, Rule, ServingRuntime, Verdict, checks, convert_command, register_serving
 
 _ARCHS = ("llama", "gemma2")
 _RENAMED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,8 +45,7 @@ RULES = (
          checks.full_weights("they have no GGUF adapter name"), formats=("peft",)),
     Rule("runtime-scale", "not-as-trained", "convert/convert.go: AdapterParameters.KV; src/llama-adapter.h: get_scale",
          checks.wrong_scale(checks.tensor_rank_scale, "use_rslora and alpha_pattern"),
-         lambda ctx: f"lorafit convert {ctx.adapter.path} --to gguf --base BASE -o OUT.gguf folds the scale; then "
-                     "ADAPTER ./OUT.gguf in the Modelfile", formats=("peft",)),
+         lambda ctx: convert_command(ctx.adapter, "gguf"), formats=("peft",)),  # then ADAPTER ./<name>.gguf
     Rule("runtime-scale", "not-as-trained", "convert/convert.go: AdapterParameters.KV", _mlx_scale, formats=("mlx",)),
     Rule("runtime-keys-unused", "will-not-load", "convert/convert_llama_adapter.go: llamaAdapter.Replacements",
          checks.unused_in_base("are not renamed to the base's GGUF names, so llama.cpp refuses them"),

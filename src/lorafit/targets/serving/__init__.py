@@ -96,7 +96,7 @@ class ServingRuntime:
         label = f"{self.name}@{version}"
         if adapter.format not in self.reads:
             return [Finding("runtime-format", f"{self.title} loads {' or '.join(self.reads)} adapters; this one is "
-                            f"{adapter.format}", hint=f"lorafit convert {adapter.path} --to {self.reads[0]} -o OUT",
+                            f"{adapter.format}", hint=convert_command(adapter, self.reads[0]),
                             runtime=label, source=self.format_source, effect="will-not-load")]
         ctx = Context(adapter, traits_of(adapter), self.settings_with(settings), base, version)
         out = []
@@ -112,6 +112,15 @@ class ServingRuntime:
             out.append(Finding(rule.code, f"{self.title}: {message}", keys, hint=hint, runtime=label,
                                source=rule.source, effect=rule.effect))
         return out
+
+
+def convert_command(adapter: Adapter, to: str) -> str:
+    """`lorafit convert` to `to`, output in the current directory (a GGUF file, or a directory)."""
+    import shlex
+
+    out = f"{adapter.path.name}.gguf" if to == "gguf" else f"{adapter.path.name}-{to}"
+    base = ["--base", "MODEL"] if to == "gguf" and not adapter.base_model else []
+    return shlex.join(["lorafit", "convert", str(adapter.path), "--to", to, *base, "-o", out])
 
 
 def version_key(version: str) -> tuple[int, ...]:

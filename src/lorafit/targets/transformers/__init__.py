@@ -55,7 +55,8 @@ class TransformersRuntime:
             name = how or self.default_how(adapter)
             tree = tree_from_pretrained(md, name, source=str(base))
             notes = [n for n in (note, unloaded_weights_finding(md, tree)) if n is not None]
-            return Target(tree, name, str(base), notes, meta_model_thunk(md, name), tree_cache.cache_key(md.raw, name))
+            return Target(tree, name, str(base), notes, meta_model_thunk(md, name), tree_cache.cache_key(md.raw, name),
+                          md.path)
         from .module_tree import tree_from_module
 
         tree = tree_from_module(base)
@@ -90,7 +91,7 @@ class TransformersRuntime:
         from .rules import runtime_rules
 
         auto = target.tree.implied_task_type
-        class_hint = (f"lorafit fix rewrites task_type to {auto or 'null'}; or load with the class the adapter was "
+        class_hint = (f"`lorafit fix` rewrites task_type to {auto or 'null'}; or load with the class the adapter was "
                       f"trained with (--class {self.default_how(adapter)})")
         return runtime_rules(adapter, target.tree, alignment, class_hint)
 

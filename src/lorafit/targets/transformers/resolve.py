@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import LorafitError, ModelNotFoundError, UnknownClassError
-from ...fileio.hub import cached_snapshot
+from ...fileio.hub import cached_snapshot, looks_like_repo_id
 from ...fileio.inputs import parse_json, read_bytes
 from ...findings import Finding
 from ...tree import ModuleTree
@@ -150,31 +150,51 @@ def _built_in(model_type: str) -> bool:
     return False
 
 
-def resolve_model_dir(model: str | Path) -> Path:
-    """A local directory with config.json, or the cached snapshot of a hub id.
+# What each use of a base reads, and how to fetch just that into the HF cache.
+NEEDS = {"config": ("config.json", "config.json"),
+         "weights": ("its weights", '--include "*.json" "*.safetensors"')}
+
+
+def resolve_model_dir(model: str | Path, revision: str | None = None, needs: str = "config") -> Path:
+    """A local directory with config.json, or the cached snapshot of a hub id (at `revision`, if given).
+
+    `needs` is what the caller reads ("config" or "weights"): the message for a base that is not here says exactly
+    which files to fetch, and a snapshot without weights is refused when weights are needed.
 
     Raises:
-        ModelNotFoundError: neither exists; the message says that nothing is downloaded.
+        ModelNotFoundError: neither exists, or the snapshot lacks what is needed; the message says what to fetch.
     """
     p = Path(model).expanduser()
     try:
         is_dir, exists = p.is_dir(), p.exists()
     except OSError as e:  # a name too long for the OS, ...
         raise ModelNotFoundError(f"cannot be looked up ({e.strerror or e})", p) from None
+    if (is_dir or exists) and revision is not None:
+        raise ModelNotFoundError("--revision applies to a hub id in the HF cache, not to a local directory", p)
     if is_dir:
         if not (p / "config.json").exists():
             raise ModelNotFoundError("config.json is missing: this is not a transformers model directory", p)
-        return p
+        return _with_weights(p, needs, None)
     if exists:
         raise ModelNotFoundError("is a file; pass the model directory that holds config.json", p)
-    snap = cached_snapshot(str(model))
+    at = f" --revision {revision}" if revision else ""
+    what, files = NEEDS[needs]
+    snap = cached_snapshot(str(model), revision)
     if snap is not None and (snap / "config.json").exists():
-        return snap
-    raise ModelNotFoundError(
-        "base model not found locally, and lorafit never downloads. Pass a local directory "
-        "(one written by save_pretrained), or fetch it into the HF cache first with `hf download ID`",
-        model,
-    )
+        return _with_weights(snap, needs, f"hf download {model} {files}{at}")
+    where = f" at revision {revision}" if revision else ""
+    fetch = (f"This command reads {what}: fetch it into the HF cache with `hf download {model} {files}{at}`, or pass "
+             "a local directory" if looks_like_repo_id(str(model)) else "Pass a local directory")
+    raise ModelNotFoundError(f"base model not found locally{where}, and lorafit never downloads. {fetch} (one "
+                             "written by save_pretrained)", model)
+
+
+def _with_weights(path: Path, needs: str, fetch: str | None) -> Path:
+    """`path`, when it holds what `needs` asks for; a config-only snapshot cannot be loaded or merged."""
+    if needs == "weights" and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        how = f": fetch them with `{fetch}`" if fetch else ""
+        raise ModelNotFoundError(f"holds config.json but no weights (*.safetensors){how}", path)
+    return path
 
 
 def load_config(model_dir: Path, checked: dict[str, Any] | None = None) -> Any:

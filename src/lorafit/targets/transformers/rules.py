@@ -20,7 +20,7 @@ def rule_modules_to_save_missing(adapter: Adapter, tree: ModuleTree, m: Landing)
     return [Finding("modules-to-save-missing", f"PEFT will wrap {', '.join(missing)} of {tree.class_name} as "
                     f"modules_to_save (from modules_to_save or task_type {adapter.task_type}), but the checkpoint "
                     "holds no trained copy: PeftModel.from_pretrained raises KeyError", missing,
-                    hint="lorafit fix sets a task_type that does not wrap a head the adapter never trained")]
+                    hint="`lorafit fix` sets a task_type that does not wrap a head the adapter never trained")]
 
 
 def rule_task_type(adapter: Adapter, tree: ModuleTree, class_hint: str) -> list[Finding]:

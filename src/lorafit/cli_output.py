@@ -1,0 +1,151 @@
+"""How a CLI command runs and reports: the output formats, user errors as one line (exit 2), usage errors as one
+line, and the global -v/-q/--no-color settings. cli.py declares the commands; this is what they share.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+# typer >= 0.25 carries its own copy of click, whose Context and exceptions are the ones raised; older typer uses click
+try:
+    from typer._click.core import Context
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - an older typer
+    from click import Context, UsageError  # type: ignore[assignment]
+from typer.core import TyperGroup
+
+from .errors import AdapterMismatchError, LorafitError
+
+FORMATS = ("table", "json", "github", "sarif")
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    github = "github"
+    sarif = "sarif"
+
+
+@dataclass
+class Settings:
+    """The global options (lorafit -v/-q/--no-color COMMAND ...)."""
+
+    verbosity: int = 0  # -1 quiet, 0 normal, 1 verbose (full lists)
+    color: bool = True
+
+
+SETTINGS = Settings()
+
+FormatOpt = Annotated[OutputFormat, typer.Option(
+    "--format", "-f", help="Output: table (people), json (schema lorafit.report/1), github (workflow annotations, as "
+    "ruff's --output-format github), sarif (SARIF 2.1.0, for code scanning).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+
+
+def output_format(fmt: OutputFormat | str, as_json: bool) -> str:
+    return "json" if as_json else OutputFormat(fmt).value
+
+
+class OneLineUsage(UsageError):
+    """A usage error shown as one line on stderr: what is wrong, and where help is."""
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx else "lorafit"
+        typer.echo(f"lorafit: error: {self.format_message()} (see {command} -h)", err=True)
+
+
+class LorafitGroup(TyperGroup):
+    """Typer's group, with every usage error (a missing argument, an unknown option or command) as one line."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Context | None = None,
+                     **extra: Any) -> Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            raise _one_line(e) from None
+
+
+def _one_line(e: UsageError) -> UsageError:
+    if type(e).__name__ == "NoArgsIsHelpError" or isinstance(e, OneLineUsage):  # `lorafit` alone prints the help
+        return e
+    return OneLineUsage(e.format_message(), e.ctx)
+
+
+def usage_error(message: str) -> None:
+    """Exit 2 with one line, as a usage error made by click would."""
+    typer.echo(f"lorafit: error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def emit(report: Any, fmt: str, show_modules: bool = False) -> None:
+    """Print `report` in `fmt` and exit with its code."""
+    if fmt == "json":
+        sys.stdout.write(report.dumps() + "\n")
+    elif fmt in ("github", "sarif"):
+        from .ci_formats import github_annotations, sarif_log
+
+        sys.stdout.write(github_annotations(report) if fmt == "github" else sarif_log(report))
+    else:
+        from .render import render
+
+        render(report, show_modules=show_modules, verbosity=SETTINGS.verbosity, color=SETTINGS.color)
+    raise typer.Exit(report.exit_code)
+
+
+def _bad_input(e: BaseException, message: str, fmt: str, command: str) -> None:
+    """One line on stderr and exit 2; with a machine format, the error as that format on stdout too."""
+    from .render import printable
+
+    typer.echo(f"lorafit: error: {printable(message)}", err=True)
+    if fmt == "json":
+        from .report import error_json
+
+        sys.stdout.write(error_json(command, e, message) + "\n")
+    raise typer.Exit(2) from None
+
+
+def run_command(fn: Callable[[], Any], fmt: str, command: str, show_modules: bool = False) -> None:
+    """Call the API and emit its report; a user error becomes one line on stderr and exit 2."""
+    quiet_libraries()
+    try:
+        report = fn()
+    except AdapterMismatchError as e:  # a LorafitError too, but a finding about the adapter (exit 1), not bad input
+        from .report import Report
+
+        if not isinstance(e.report, Report):
+            typer.echo(f"lorafit: {e}", err=True)
+            raise typer.Exit(1) from None
+        report = e.report
+    except LorafitError as e:
+        _bad_input(e, str(e), fmt, command)
+    except Exception as e:
+        if os.environ.get("LORAFIT_DEBUG"):
+            raise
+        # A case no rule foresaw: still one line, never a traceback; LORAFIT_DEBUG=1 shows it.
+        first = (str(e).splitlines() or [""])[0][:300]
+        _bad_input(e, f"unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the traceback; please "
+                   "report it)", fmt, command)
+    emit(report, fmt, show_modules)
