@@ -30,8 +30,15 @@ $(CLIENTS_STAMP): requirements-clients.lock $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --disable-pip-version-check -r requirements-clients.lock
 	touch $(CLIENTS_STAMP)
 
-test-clients: $(CLIENTS_STAMP)
-	LORAFIT_CLIENTS=1 $(VENV)/bin/pytest tests/clients
+# Microsoft's SARIF multitool (npm registry), which carries the SARIF 2.1.0 schema and validates a log against it.
+SARIF_TOOL := build/sarif/node_modules/@microsoft/sarif-multitool-linux
+$(SARIF_TOOL)/sarif-2.1.0.json:
+	mkdir -p build/sarif
+	cd build/sarif && npm install --silent --no-audit --no-fund --prefix . @microsoft/sarif-multitool@5.7.0 \
+		@microsoft/sarif-multitool-linux@5.7.0
+
+test-clients: $(CLIENTS_STAMP) $(SARIF_TOOL)/sarif-2.1.0.json
+	LORAFIT_CLIENTS=1 LORAFIT_SARIF_TOOL=$(SARIF_TOOL) $(VENV)/bin/pytest tests/clients
 
 # The README's Install section, as a library user follows it: a fresh venv, torch first, then lorafit with the tested
 # versions; then the CLI runs the demo there.

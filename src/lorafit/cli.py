@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +24,8 @@ from .cli_output import (
     quiet_libraries,
     run_command,
 )
+
+STARTED = time.time()  # when the command started, as near as lorafit can tell (the demo reports the whole time)
 
 app = typer.Typer(
     cls=LorafitGroup, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -65,6 +68,9 @@ ClassOpt = Annotated[str | None, typer.Option(
 BaseOpt = Annotated[str | None, typer.Option(
     "--base", "-b", help="Base model: a local directory, or a hub id in the local HF cache. Default: the base the "
     "adapter names (base_model_name_or_path); the report says which.")]
+ConfigOpt = Annotated[list[str] | None, typer.Option(
+    "--config", help="A config kwarg you load the base with, KEY=VALUE (repeatable), as from_pretrained(base, "
+    "num_labels=3): --config num_labels=3.")]
 RevisionOpt = Annotated[str | None, typer.Option(
     "--revision", help="Branch, tag or commit of the base's hub snapshot in the HF cache (JSON: target.snapshot).")]
 MapOpt = Annotated[list[str] | None, typer.Option(
@@ -88,11 +94,27 @@ def _quiet_transformers() -> None:
 @app.command()
 def inspect(adapter: AdapterArg, as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table,
             modules: Annotated[bool, typer.Option("--modules/--no-modules",
-                                                  help="Show the per-module table.")] = True) -> None:
+                                                  help="Show the per-module table.")] = True,
+            manifest: Annotated[Path | None, typer.Option(
+                "--manifest", help="Also write the SHA-256 of every file of the adapter to this JSON file, for "
+                "`lorafit verify-files ADAPTER --manifest FILE` later.")] = None) -> None:
     """What an adapter holds, and whether it is healthy (rank, alpha, scaling, coverage, zeros, NaN)."""
     from .api.check import inspect as run
 
-    run_command(lambda: run(adapter), output_format(fmt, as_json), "inspect", show_modules=modules)
+    run_command(lambda: run(adapter, manifest=manifest), output_format(fmt, as_json), "inspect", show_modules=modules)
+
+
+@app.command("verify-files")
+def verify_files(directory: Annotated[Path, typer.Argument(help="The directory to check (an adapter, or an output "
+                                                           "of fix, merge or convert).")],
+                 manifest: Annotated[Path | None, typer.Option(
+                     "--manifest", help="The manifest to check against. Default: DIRECTORY/lorafit-manifest.json, "
+                     "which fix, merge and convert write.")] = None,
+                 as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
+    """Check every file of DIRECTORY against its SHA-256 manifest: changed, missing and unlisted files."""
+    from .api.manifest import verify_files as run
+
+    run_command(lambda: run(directory, manifest), output_format(fmt, as_json), "verify-files")
 
 
 _TREE_ENV = ("The model's module tree comes from a cache, a shipped blueprint, or a meta-device build "
@@ -107,7 +129,7 @@ RuntimeOpt = Annotated[list[str] | None, typer.Option(
 
 
 @app.command(epilog=_TREE_ENV)
-def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = None,
+def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = None, config: ConfigOpt = None,
           class_name: ClassOpt = None, key_mapping: MapOpt = None,
           runtime: RuntimeOpt = None,
           max_lora_rank: Annotated[int | None, typer.Option(
@@ -122,8 +144,8 @@ def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = Non
     if not runtime:
         from .api.check import check as run
 
-        run_command(lambda: run(adapter, base, class_name, key_mapping, revision), output_format(fmt, as_json),
-                    "check")
+        run_command(lambda: run(adapter, base, class_name, key_mapping, revision, config),
+                    output_format(fmt, as_json), "check")
         return
     settings = {"max_lora_rank": max_lora_rank, "enable_tower_connector_lora": tower_lora or None,
                 "lora_target_modules": lora_target_modules.split(",") if lora_target_modules else None}
@@ -139,7 +161,8 @@ def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = Non
 @app.command(epilog=_TREE_ENV)
 def fix(adapter: AdapterArg,
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the fixed adapter to.")],
-        base: BaseOpt = None, revision: RevisionOpt = None, class_name: ClassOpt = None, key_mapping: MapOpt = None,
+        base: BaseOpt = None, revision: RevisionOpt = None, config: ConfigOpt = None, class_name: ClassOpt = None,
+        key_mapping: MapOpt = None,
         force: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace OUT if it exists, atomically once "
                                             "the new output is complete.")] = False,
         follow_symlinks: FollowOpt = False, as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
@@ -151,12 +174,13 @@ def fix(adapter: AdapterArg,
     from .api.fix import fix as run
 
     run_command(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, force=force,
-                            revision=revision,
+                            revision=revision, config_overrides=config,
                      follow_symlinks=follow_symlinks), output_format(fmt, as_json), "fix")
 
 
 @app.command()
-def verify(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = None, class_name: ClassOpt = None,
+def verify(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = None, config: ConfigOpt = None,
+           class_name: ClassOpt = None,
            probe: Annotated[bool, typer.Option("--probe", help="Also check each adapted module's output "
                                                "changes on a random input.")] = False,
            lorafit_load: Annotated[bool, typer.Option("--lorafit-load/--stock-load", help="Load with "
@@ -169,7 +193,8 @@ def verify(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = No
         from .api.load import verify_pretrained
 
         _quiet_transformers()
-        return verify_pretrained(adapter, base, class_name, probe=probe, lorafit_load=lorafit_load, revision=revision)
+        return verify_pretrained(adapter, base, class_name, probe=probe, lorafit_load=lorafit_load, revision=revision,
+                                 config_overrides=config)
 
     run_command(run, output_format(fmt, as_json), "verify")
 
@@ -181,13 +206,13 @@ def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files i
     _quiet_transformers()
     from .demo import run_demo
 
-    raise typer.Exit(run_demo(keep))
+    raise typer.Exit(run_demo(keep, started=STARTED))
 
 
 @app.command(epilog=_TREE_ENV)
 def merge(adapter: AdapterArg,
           out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the merged model to.")],
-          base: BaseOpt = None, revision: RevisionOpt = None,
+          base: BaseOpt = None, revision: RevisionOpt = None, config: ConfigOpt = None,
           class_name: Annotated[str | None, typer.Option(
               "--class", "-c", help="The class the adapter is aligned against. Default: the class the base "
               "checkpoint was saved with (config.json architectures).")] = None,
@@ -215,7 +240,8 @@ def merge(adapter: AdapterArg,
     progress = not as_json and sys.stderr.isatty()
     run_command(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
                      safe_merge=safe_merge, max_shard_size=max_shard_size, force=force, workers=workers,
-                     progress=progress, follow_symlinks=follow_symlinks, overwrite=overwrite, revision=revision),
+                     progress=progress, follow_symlinks=follow_symlinks, overwrite=overwrite, revision=revision,
+                     config_overrides=config),
                 output_format(fmt, as_json), "merge")
 
 

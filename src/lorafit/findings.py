@@ -110,6 +110,11 @@ CATALOG: dict[str, Code] = {
     "runtime-keys-unused": Code(ERROR, RUNTIME, (), "adapter modules the runtime never applies"),
     "runtime-module-dropped": Code(ERROR, RUNTIME, (), "a module type dropped in every layer"),
     "runtime-vision-misplaced": Code(ERROR, RUNTIME, (), "vision-tower LoRA filed under language layers"),
+    # verify-files
+    "files-verified": Code(INFO, PROOF, (), "every file matches its manifest"),
+    "file-changed": Code(ERROR, PROOF, (), "a file's SHA-256 differs from its manifest"),
+    "file-missing": Code(ERROR, PROOF, (), "a file the manifest lists is gone"),
+    "file-unlisted": Code(WARNING, PROOF, (), "a file the manifest does not list"),
     # convert
     "converted": Code(INFO, OUTPUT, (), "convert wrote the adapter in the target format"),
     "convert-refused": Code(ERROR, OUTPUT, (), "the adapter cannot be converted exactly; nothing was written"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Sequence
@@ -43,6 +44,30 @@ def parse_key_mapping(items: Sequence[str] | dict[str, str] | None) -> list[tupl
         except (re.error, IndexError) as e:
             raise LorafitError(f"--key-mapping replacement {repl!r} does not fit {pattern!r} ({e})") from None
     return pairs
+
+
+def parse_config_overrides(items: Sequence[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """['num_labels=3', ...] or {'num_labels': 3} -> the config kwargs of from_pretrained. A value is read as JSON
+    (3, true, 0.1, "x", [..]) and otherwise kept as a string. Raises LorafitError on a malformed item."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        pairs = list(items.items())
+    else:
+        pairs = []
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip().isidentifier():
+                raise LorafitError(f"--config {item!r} must look like KEY=VALUE, e.g. num_labels=3")
+            try:
+                parsed: Any = json.loads(value)
+            except ValueError:
+                parsed = value
+            pairs.append((key.strip(), parsed))
+    for key, _ in pairs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise LorafitError(f"config override {key!r} is not a config field name")
+    return dict(pairs)
 
 
 def _coverage(adapter: Adapter) -> dict[str, Any]:
@@ -98,12 +123,14 @@ def _adapter_findings(adapter: Adapter, health: Health | None) -> list[Finding]:
     return adapter_findings(adapter, health, format_of(adapter).adapter_rules(adapter))
 
 
-def inspect(adapter: Adapter | str | Path, read_tensors: bool = True) -> Report:
+def inspect(adapter: Adapter | str | Path, read_tensors: bool = True, manifest: str | Path | None = None) -> Report:
     """Describe an adapter and judge its health, reading no model.
 
     Args:
         adapter: adapter dir, a file in it, a hub id in the local cache, or an Adapter.
         read_tensors: also read tensor data for health (all-zero lora_B, NaN, Inf); False reads headers only.
+        manifest: also write the SHA-256 sums of the adapter's files to this file (outside the adapter), for
+            `lorafit verify-files ADAPTER --manifest FILE` later.
     Returns:
         the Report (command "inspect"); `report.ok` is False when any finding is an error.
     Raises:
@@ -113,8 +140,23 @@ def inspect(adapter: Adapter | str | Path, read_tensors: bool = True) -> Report:
 
     a = ensure_adapter(adapter)
     health = tensor_health(a) if read_tensors else None
+    result: dict[str, Any] = {"runtimes": runtime_matrix(a)}
+    if manifest is not None:
+        result["manifest"] = str(_write_adapter_manifest(a, Path(manifest)))
     return Report("inspect", adapter=adapter_summary(a, health), findings=_adapter_findings(a, health),
-                  modules=module_rows(a, health), result={"runtimes": runtime_matrix(a)})
+                  modules=module_rows(a, health), result=result)
+
+
+def _write_adapter_manifest(a: Adapter, to: Path) -> Path:
+    """The adapter directory's manifest, written atomically to `to` (never inside the adapter: an input)."""
+    from ..fileio.manifest import manifest_of
+    from ..fileio.outputs import OutputFile, write_json
+
+    if not a.path.is_dir():
+        raise LorafitError("--manifest lists the files of an adapter directory; this adapter is one file", a.path)
+    with OutputFile(to, protect=[a.path]) as tmp:
+        write_json(tmp, manifest_of(a.path))
+    return to
 
 
 @dataclass
@@ -175,6 +217,7 @@ def _run_check(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]
     findings = _adapter_findings(a, health)
     findings += layout_findings(a, tree, al, lambda: _fix_command(a, target, key_mapping), runtime.trained_as(a),
                                 lambda landing, hint: fmt.landing_rules(a, tree, landing, hint))
+    runtime.refine(findings, a, al)
     findings += runtime.rules(a, target, al) + target.notes
     report = Report("check", adapter=adapter_summary(a, health),
                     target=tree.summary() | {"requested_class": target.how}, alignment=alignment_summary(al),
@@ -183,7 +226,8 @@ def _run_check(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]
 
 
 def check(adapter: Adapter | str | Path, base: str | Path | Any = None, class_name: str | type | None = None,
-          key_mapping: Sequence[str] | dict[str, str] | None = None, revision: str | None = None) -> Report:
+          key_mapping: Sequence[str] | dict[str, str] | None = None, revision: str | None = None,
+          config_overrides: Sequence[str] | dict[str, Any] | None = None) -> Report:
     """Will this adapter land on `base` loaded as `class_name`? Works from config and headers only.
 
     Args:
@@ -194,20 +238,22 @@ def check(adapter: Adapter | str | Path, base: str | Path | Any = None, class_na
             default: what the adapter's task_type implies.
         key_mapping: user regex rewrites of module paths ('REGEX=REPL' strings or a dict).
         revision: the branch, tag or commit of a hub id's snapshot in the HF cache.
+        config_overrides: the config kwargs you pass to from_pretrained ({"num_labels": 3} or ["num_labels=3"]).
     Returns:
         the Report; `report.ok` is False when any finding is an error.
     Raises:
         LorafitError: unreadable adapter, unknown class, base not found locally.
     """
     try:
-        return run_check_on(adapter, base, class_name, key_mapping, revision).report
+        return run_check_on(adapter, base, class_name, key_mapping, revision,
+                            config_overrides=config_overrides).report
     except TargetRefused as e:
         return adapter_only_report("check", adapter, e.finding)
 
 
 def run_check_on(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
                  key_mapping: Sequence[str] | dict[str, str] | None = None, revision: str | None = None,
-                 needs: str = "config") -> Checked:
+                 needs: str = "config", config_overrides: Sequence[str] | dict[str, Any] | None = None) -> Checked:
     """run_check_for with the base resolved as check resolves it (default: the adapter's own; see api/base.py);
     the report's target says which base, and from where."""
     from .base import is_live, resolve_base
@@ -216,7 +262,7 @@ def run_check_on(adapter: Adapter | str | Path, base: str | Path | Any, class_na
     if is_live(base):
         return run_check_for(a, base, class_name, key_mapping)
     ref = resolve_base(a, base, revision, needs)
-    checked = run_check_for(a, ref.path, class_name, key_mapping, label=ref.spec)
+    checked = run_check_for(a, ref.path, class_name, key_mapping, label=ref.spec, config_overrides=config_overrides)
     if checked.report.target is not None:
         checked.report.target |= ref.summary()
     return checked
@@ -255,20 +301,22 @@ def class_name_of(class_name: str | type | None) -> str | None:
 
 
 def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
-                  key_mapping: Sequence[str] | dict[str, str] | None = None, label: str | None = None) -> Checked:
+                  key_mapping: Sequence[str] | dict[str, str] | None = None, label: str | None = None,
+                  config_overrides: Sequence[str] | dict[str, Any] | None = None) -> Checked:
     """check, keeping the intermediate objects (see Checked). `label` names the base in hints (the user's hub id
     where `base` is its snapshot directory)."""
     a = ensure_adapter(adapter)
     mapping = parse_key_mapping(key_mapping)
     runtime = get_runtime()
-    target = runtime.target(base, class_name_of(class_name), a)
+    target = runtime.target(base, class_name_of(class_name), a, parse_config_overrides(config_overrides) or None)
     if label is not None:
         target.base = label
     return run_check(a, target, mapping, runtime=runtime)
 
 
 def run_check_for_checkpoint(adapter: Adapter | str | Path, model_dir: Path, class_name: str | type | None,
-                             key_mapping: Sequence[str] | dict[str, str] | None) -> Checked:
+                             key_mapping: Sequence[str] | dict[str, str] | None,
+                             config_overrides: dict[str, Any] | None = None) -> Checked:
     """run_check_for against the class the checkpoint was saved with, unless the user names one.
 
     The saved class's module paths are the checkpoint's tensor names, which a merge writes and verify-merge reads.
@@ -278,12 +326,13 @@ def run_check_for_checkpoint(adapter: Adapter | str | Path, model_dir: Path, cla
     """
     from ..targets.transformers.resolve import saved_class
 
+    over = config_overrides
     if class_name:
-        return run_check_for(adapter, str(model_dir), class_name, key_mapping)
+        return run_check_for(adapter, str(model_dir), class_name, key_mapping, config_overrides=over)
     saved_as = saved_class(model_dir)
     if saved_as:
         try:
-            return run_check_for(adapter, str(model_dir), saved_as, key_mapping)
+            return run_check_for(adapter, str(model_dir), saved_as, key_mapping, config_overrides=over)
         except UnknownClassError:
             pass  # custom code: fall back to the class the adapter's task_type implies
-    return run_check_for(adapter, str(model_dir), None, key_mapping)
+    return run_check_for(adapter, str(model_dir), None, key_mapping, config_overrides=over)

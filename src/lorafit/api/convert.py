@@ -11,6 +11,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import LorafitError
+from ..fileio.manifest import write_manifest
 from ..fileio.outputs import OutputDir
 from ..findings import Finding
 from ..formats import ensure_adapter
@@ -126,6 +127,7 @@ def _write(a: Adapter, to: str, out: Path, force: bool, base: str | Path | None,
         else:
             done = mlx_writer.to_peft(a, tmp)
             _same_count(len(peft_reader.read_adapter(tmp).modules), len(a.modules), tmp)
+        write_manifest(tmp)
     return done
 
 

@@ -7,11 +7,13 @@ would not land. What fix must mend is the catalog's policy (Code.mended_by).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
+from ..fileio.manifest import write_manifest
 from ..fileio.outputs import OutputDir
 from ..findings import FIX, Finding, mended_by
 from ..formats import format_of, read_adapter
@@ -35,6 +37,17 @@ def _write_checked(checked: Checked, out_dir: Path, follow_symlinks: bool) -> tu
     return provenance, _recheck(checked, out_dir)
 
 
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The config fields fix changed: field -> {"from": old, "to": new}."""
+    return {k: {"from": before.get(k), "to": after.get(k)} for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)}
+
+
+def _shown(value: Any) -> str:
+    text = "null" if value is None else value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _refused(report: Report, after: Report, cleaned: list[Finding], out: Path) -> Report:
     """The report of a fix that wrote nothing: what it could not mend, as the rewritten adapter shows it."""
     landing = mended_by(FIX)
@@ -50,7 +63,8 @@ def _refused(report: Report, after: Report, cleaned: list[Finding], out: Path) -
 
 def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, class_name: str | type | None = None,
         key_mapping: Sequence[str] | dict[str, str] | None = None, force: bool = False,
-        follow_symlinks: bool = False, revision: str | None = None) -> Report:
+        follow_symlinks: bool = False, revision: str | None = None,
+        config_overrides: Sequence[str] | dict[str, Any] | None = None) -> Report:
     """Rewrite `adapter` so that `PeftModel.from_pretrained(C.from_pretrained(base), out)` loads it completely.
 
     Args:
@@ -58,6 +72,7 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
         force: replace `out` if it exists.
         follow_symlinks: copy files that are symlinks out of the adapter directory (refused by default).
         revision: the branch, tag or commit of a hub id's snapshot in the HF cache.
+        config_overrides: the config kwargs the base is loaded with (from_pretrained(..., num_labels=3)).
     Returns:
         a Report with command "fix". When `report.ok` is False nothing was written and the findings say why.
     Raises:
@@ -66,7 +81,7 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
     """
     out = Path(out)
     try:
-        checked = run_check_on(adapter, base, class_name, key_mapping, revision)
+        checked = run_check_on(adapter, base, class_name, key_mapping, revision, config_overrides=config_overrides)
     except TargetRefused as e:
         return adapter_only_report("fix", adapter, e.finding, out)
     report = checked.report
@@ -82,16 +97,20 @@ def fix(adapter: Adapter | str | Path, base: str | Path | Any, out: str | Path, 
         provenance, after = _write_checked(checked, tmp, follow_symlinks)
         if not after.ok:
             staging.discard()  # nothing is renamed into place: the staging directory is removed on exit
+        else:
+            write_manifest(tmp)
     if not after.ok:
         return _refused(report, after, _cleaned(staging), out)
     before = [f for f in report.findings if f.code in mended_by(FIX)]
+    changes = config_changes(checked.adapter.config, read_adapter(out).config)
     report.findings = list(after.findings)
     mended = ", ".join(sorted({f.code for f in before})) or "none: the adapter already landed, copied as is"
     how = checked.alignment.chosen.rewrite.describe()
     if checked.adapter.unrooted_keys:
         how += ", keys under base_model.model."
-    report.findings.append(Finding("fixed", f"wrote {out} ({how}); "
-                                   f"mended: {mended}"))
+    changed = "; ".join(f"{k}: {_shown(v['from'])} → {_shown(v['to'])}" for k, v in changes.items())
+    report.findings.append(Finding("fixed", f"wrote {out} ({how}); mended: {mended}; config: "
+                                   f"{changed or 'unchanged'}"))
     report.findings += _cleaned(staging)
-    report.result = {"written": True, "out": str(out), **provenance}
+    report.result = {"written": True, "out": str(out), **provenance, "config_changes": changes}
     return report

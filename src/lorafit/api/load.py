@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,8 @@ def load_adapter(model: Any, adapter: Adapter | str | Path, adapter_name: str = 
 
 def verify_pretrained(adapter: Adapter | str | Path, base: str | Path | None = None,
                       class_name: str | type | None = None, probe: bool = False, lorafit_load: bool = False,
-                      revision: str | None = None) -> Report:
+                      revision: str | None = None, config_overrides: Sequence[str] | dict[str, Any] | None = None
+                      ) -> Report:
     """Load `base` as `class_name` and `adapter` on top (stock PEFT, or load_adapter), then verify the load.
 
     Stock PEFT raising while it loads is itself the finding (load-failed), not an error of this call.
@@ -265,14 +267,18 @@ def verify_pretrained(adapter: Adapter | str | Path, base: str | Path | None = N
     """
     from ..targets.transformers.resolve import load_config, resolve_class
     from .base import resolve_base
-    from .check import class_name_of
+    from .check import class_name_of, parse_config_overrides
 
     a = ensure_adapter(adapter)
     ref = resolve_base(a, base, revision, needs="weights")
+    overrides = parse_config_overrides(config_overrides)
     model_dir = ref.path
     name = class_name_of(class_name) or get_runtime().default_how(a)
-    cls = resolve_class(name, load_config(model_dir), model_dir)
-    model = cls.from_pretrained(str(model_dir))  # type: ignore[attr-defined]
+    cls = resolve_class(name, load_config(model_dir, None, overrides), model_dir)
+    # A head of another size (num_labels=3 on a 2-label checkpoint) loads only with ignore_mismatched_sizes, as a
+    # user loading it with those overrides must pass too; the adapter's trained head then replaces it.
+    extra = {"ignore_mismatched_sizes": True} if overrides else {}
+    model = cls.from_pretrained(str(model_dir), **overrides, **extra)  # type: ignore[attr-defined]
     if lorafit_load:
         return verify(load_adapter(model, a, strict=False), a, probe=probe)
     from peft import PeftModel

@@ -27,6 +27,7 @@ from ..fileio.checkpoint import (
     write_index,
 )
 from ..fileio.inputs import confined, load_json
+from ..fileio.manifest import write_manifest
 from ..fileio.outputs import OutputDir, write_json
 from ..findings import MERGE, Finding, mended_by
 from ..formats import ensure_adapter
@@ -34,9 +35,10 @@ from ..merging.plan import MergePlan, build_plan
 from ..merging.run import execute, out_code
 from ..report import Report
 from ..targets import TargetRefused
+from ..targets.transformers.resolve import overridden_config
 from ..version import __version__
 from .base import resolve_base
-from .check import Checked, adapter_only_report, alignment_summary, run_check_for_checkpoint
+from .check import Checked, adapter_only_report, alignment_summary, parse_config_overrides, run_check_for_checkpoint
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
@@ -108,10 +110,11 @@ class _Progress:
 
 
 def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: str | None,
-                       follow_symlinks: bool = False) -> list[str]:
+                       follow_symlinks: bool = False, overrides: dict[str, Any] | None = None) -> list[str]:
     """Copy config, generation config, tokenizer and every other non-weight file of the base; returns their names.
 
-    config.json is rewritten only when the merge changes what it must say (untied embeddings, --dtype).
+    config.json is rewritten only when the merge changes what it must say (untied embeddings, --dtype, the config
+    overrides the base was loaded with, as save_pretrained would write them).
     Sub-directories are not copied: they hold other formats of the weights (e.g. original/*.pth).
     Raises:
         LorafitError: a file is a symlink out of the base directory (unless follow_symlinks), a FIFO or device.
@@ -121,10 +124,12 @@ def copy_support_files(model_dir: Path, out_dir: Path, untied: bool, out_dtype: 
         if f.is_dir() or f.name.startswith(".") or _WEIGHT_FILE.fullmatch(f.name):
             continue
         confined(f, model_dir, follow_symlinks)
-        if f.name == "config.json" and (untied or out_dtype):
+        if f.name == "config.json" and (untied or out_dtype or overrides):
             config = load_json(f)
             if not isinstance(config, dict):
                 raise LorafitError("is not a JSON object", f)
+            if overrides:
+                config = overridden_config(config, overrides)
             if untied:
                 config["tie_word_embeddings"] = False
                 if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
@@ -144,7 +149,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path | None, out: str | Pat
           key_mapping: Sequence[str] | dict[str, str] | None = None, dtype: str | None = None,
           safe_merge: bool = False, max_shard_size: str | int = "5GB", force: bool = False, workers: int = 2,
           progress: bool = False, follow_symlinks: bool = False, overwrite: bool = False,
-          revision: str | None = None) -> Report:
+          revision: str | None = None, config_overrides: Sequence[str] | dict[str, Any] | None = None) -> Report:
     """Merge `adapter` into the base checkpoint and write a full model to `out`, bit-identical to PEFT's merge.
 
     Args:
@@ -175,11 +180,12 @@ def merge(adapter: Adapter | str | Path, base: str | Path | None, out: str | Pat
     if os.path.lexists(out) and not overwrite:
         raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
     adapter = ensure_adapter(adapter)
+    overrides = parse_config_overrides(config_overrides)
     model_dir = resolve_base(adapter, base, revision, needs="weights").path
     t0 = time.perf_counter()
     with Checkpoint.open(model_dir, follow_symlinks=follow_symlinks) as ckpt:
         try:
-            checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping)
+            checked = run_check_for_checkpoint(adapter, model_dir, class_name, key_mapping, overrides)
         except TargetRefused as e:
             return adapter_only_report("merge", adapter, e.finding, out)
         for f in (checked.adapter.path / "adapter_config.json", checked.adapter.weights_path):
@@ -191,7 +197,9 @@ def merge(adapter: Adapter | str | Path, base: str | Path | None, out: str | Pat
             return report
         plan = plan_merge(checked, ckpt, model_dir)
         codes = {n: out_code(ckpt.tensors[plan.sources[n]].dtype, out_dtype) for n in plan.order}
-        entries = [(n, codes[n], ckpt.tensors[plan.sources[n]].shape) for n in plan.order]
+        entries = [(n, codes[n], _out_shape(plan, n, ckpt, checked.adapter)) for n in plan.order]
+        if not overrides:
+            _refuse_reshaped(plan, ckpt, checked.adapter, out)
         metadata = {"format": "pt", "lorafit.version": __version__, "lorafit.adapter": str(checked.adapter.path),
                     "lorafit.safe_merge": str(safe_merge)}
         shards = layout_shards(entries, max_bytes, metadata)
@@ -207,15 +215,38 @@ def merge(adapter: Adapter | str | Path, base: str | Path | None, out: str | Pat
                     writer.close()
                 write_index(tmp, shards)
                 try:
-                    copied = copy_support_files(model_dir, tmp, bool(plan.untied), out_dtype, follow_symlinks)
+                    copied = copy_support_files(model_dir, tmp, bool(plan.untied), out_dtype, follow_symlinks,
+                                                overrides)
                 except OSError as e:
                     raise LorafitError(f"cannot copy the base's files ({e.strerror})", out) from None
+                write_manifest(tmp)
         finally:
             bar.close()
     seconds = time.perf_counter() - t0
     _report_result(report, plan, checked, out, shards, total, seconds, out_dtype, safe_merge, copied, workers)
     report.findings += [Finding("stale-output-removed", line) for line in staging.cleaned]
     return report
+
+
+def _refuse_reshaped(plan: MergePlan, ckpt: Checkpoint, adapter: Adapter, out: Path) -> None:
+    """A saved tensor that replaces a base tensor of another shape (a 3-label head on a 2-label base) makes a model
+    its own config.json cannot load: refused even with --force, unless the config overrides say the new size."""
+    for name, tp in plan.changes.items():
+        if tp.replace is None:
+            continue
+        new, old = tuple(adapter.infos[tp.replace].shape), tuple(ckpt.tensors[plan.sources[name]].shape)
+        if new != old:
+            raise LorafitError(f"{name} would be {list(new)} from the adapter where the base's config makes it "
+                               f"{list(old)}: the merged model would not load. If you load the base with other "
+                               "config values (num_labels=...), pass them with --config", out)
+
+
+def _out_shape(plan: MergePlan, name: str, ckpt: Checkpoint, adapter: Adapter) -> tuple[int, ...]:
+    """The shape written for `name`: the base's, or the adapter tensor's that replaces it (a head of another size)."""
+    tp = plan.changes.get(name)
+    if tp is not None and tp.replace is not None:
+        return tuple(adapter.infos[tp.replace].shape)
+    return tuple(ckpt.tensors[plan.sources[name]].shape)
 
 
 def _report_result(report: Report, plan: MergePlan, checked: Checked, out: Path, shards: Sequence[Any], total: int,

@@ -284,6 +284,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: Path, shards: Sequence[OutShard]) -> None:
         self.where: dict[str, tuple[int, int, Path]] = {}  # key -> (fd, offset, path)
+        self.sizes: dict[str, int] = {}  # key -> bytes its slot holds: a write may never spill into the next
         self._fds: list[int] = []
         try:
             for s in shards:
@@ -294,6 +295,8 @@ class ShardWriter:
                 os.ftruncate(fd, s.size)
                 for key in s.offsets:
                     self.where[key] = (fd, s.offsets[key], path)
+                for key, code, shape in s.entries:
+                    self.sizes[key] = TensorInfo(tuple(shape), code).nbytes
         except OSError as e:
             self.close()
             raise LorafitError(f"cannot write the output ({e.strerror})", out_dir) from None
@@ -304,8 +307,15 @@ class ShardWriter:
         self._fds.clear()
 
     def write(self, key: str, data: memoryview, at: int = 0) -> None:
-        """Write bytes of tensor `key`, starting `at` bytes into its slot."""
+        """Write bytes of tensor `key`, starting `at` bytes into its slot.
+
+        Raises:
+            LorafitError: the bytes do not fit the slot the header declares (the file would be corrupt).
+        """
         fd, offset, path = self.where[key]
+        if at + data.nbytes > self.sizes[key]:
+            raise LorafitError(f"tensor {key!r} is {at + data.nbytes} bytes where its header declares "
+                               f"{self.sizes[key]}: nothing is written", path)
         try:
             write_from(fd, data, offset + at)
         except OSError as e:

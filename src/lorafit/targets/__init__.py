@@ -56,8 +56,9 @@ class Runtime(Protocol):
         """How the base is loaded when the user does not say (transformers: the class the task implies)."""
         ...
 
-    def target(self, base: Any, how: str | None, adapter: Adapter) -> Target:
-        """The Target for `base` loaded `how` (default: default_how). Raises LorafitError on bad input."""
+    def target(self, base: Any, how: str | None, adapter: Adapter, overrides: dict[str, Any] | None = None) -> Target:
+        """The Target for `base` loaded `how` (default: default_how), with the load's config `overrides`.
+        Raises LorafitError on bad input."""
         ...
 
     def load_renames(self, adapter: Adapter, target: Target) -> dict[str, str] | None:
@@ -66,6 +67,10 @@ class Runtime(Protocol):
 
     def rules(self, adapter: Adapter, target: Target, alignment: Alignment) -> list[Finding]:
         """The runtime's acceptance rules for `adapter` landed on `target`."""
+        ...
+
+    def refine(self, findings: list[Finding], adapter: Adapter, alignment: Alignment) -> None:
+        """Sharpen, in place, the hints of the format-neutral findings with what the runtime knows."""
         ...
 
     def trained_as(self, adapter: Adapter) -> str | None:

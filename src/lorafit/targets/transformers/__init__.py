@@ -27,7 +27,7 @@ def meta_model_thunk(md: ModelDir, class_name: str) -> Callable[[], Any]:
     def build() -> Any:
         from .resolve import build_meta_model, load_config, resolve_class
 
-        config = load_config(md.path, md.config)
+        config = load_config(md.path, md.config, md.overrides)
         return build_meta_model(resolve_class(class_name, config, md.path), config, md.path)
 
     return build
@@ -44,13 +44,14 @@ class TransformersRuntime:
     def trained_as(self, adapter: Adapter) -> str | None:
         return TASK_TO_AUTO.get(adapter.task_type or "")
 
-    def target(self, base: Any, how: str | None, adapter: Adapter) -> Target:
-        """A local model dir or cached hub id (tree without weights), or a live nn.Module / PeftModel."""
+    def target(self, base: Any, how: str | None, adapter: Adapter, overrides: dict[str, Any] | None = None) -> Target:
+        """A local model dir or cached hub id (tree without weights), or a live nn.Module / PeftModel.
+        `overrides`: config kwargs of from_pretrained (num_labels=3) for a base on disk."""
         if isinstance(base, (str, Path)):
             from . import tree_cache
             from .resolve import custom_code_finding, open_model_dir, tree_from_pretrained, unloaded_weights_finding
 
-            md = open_model_dir(base)  # config.json is read here, once
+            md = open_model_dir(base).with_overrides(overrides)  # config.json is read here, once
             note = custom_code_finding(md.path, md.config)
             name = how or self.default_how(adapter)
             tree = tree_from_pretrained(md, name, source=str(base))
@@ -86,6 +87,16 @@ class TransformersRuntime:
         if key:
             tree_cache.store_renames(key, renames)
         return renames
+
+    def refine(self, findings: list[Finding], adapter: Adapter, alignment: Alignment) -> None:
+        """Sharpen the hints of format-neutral findings with what this runtime knows (a head's num_labels)."""
+        from .rules import head_size_hint
+
+        landing = alignment.chosen if alignment.needs_rewrite and not alignment.ambiguous else alignment.as_is
+        hint = head_size_hint(adapter, landing)
+        for f in findings:
+            if hint and f.code == "shape-mismatch":
+                f.hint = hint
 
     def rules(self, adapter: Adapter, target: Target, alignment: Alignment) -> list[Finding]:
         from .rules import runtime_rules

@@ -6,8 +6,9 @@ Offline always: a hub id resolves only through the local HF cache.
 from __future__ import annotations
 
 import difflib
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,27 @@ class ModelDir:
     path: Path
     raw: bytes
     config: dict[str, Any]
+    overrides: dict[str, Any] = field(default_factory=dict)  # from_pretrained(..., **overrides), e.g. num_labels
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> ModelDir:
+        """This base as `from_pretrained(path, **overrides)` loads it: the config the tree is built from, and a
+        cache key that tells it from the plain config."""
+        if not overrides:
+            return self
+        config = overridden_config(self.config, overrides)
+        raw = self.raw + b"\n# from_pretrained overrides: " + json.dumps(overrides, sort_keys=True).encode()
+        return ModelDir(self.path, raw, config, dict(overrides))
+
+
+def overridden_config(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """config.json as `from_pretrained(..., **overrides)` leaves it: num_labels also resets id2label/label2id."""
+    out = dict(config) | overrides
+    if "num_labels" in overrides and "id2label" not in overrides:  # as PretrainedConfig.num_labels does
+        n = int(overrides["num_labels"])
+        out["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+        out["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+        out.pop("num_labels", None)  # transformers keeps the count in id2label only
+    return out
 
 
 def open_model_dir(model: str | Path) -> ModelDir:
@@ -197,17 +219,20 @@ def _with_weights(path: Path, needs: str, fetch: str | None) -> Path:
     return path
 
 
-def load_config(model_dir: Path, checked: dict[str, Any] | None = None) -> Any:
+def load_config(model_dir: Path, checked: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+                ) -> Any:
     """The model's transformers config, read offline. Raises LorafitError if transformers cannot read it.
 
-    `checked` is config.json as read_model_config returned it, when the caller has it already.
+    `checked` is config.json as read_model_config returned it, when the caller has it already; `overrides` are the
+    config kwargs of from_pretrained (num_labels=3), applied as transformers applies them.
     """
     from transformers import AutoConfig
 
     # Budgets and custom code before transformers reads anything.
     custom_code_finding(model_dir, checked if checked is not None else read_model_config(model_dir))
     try:
-        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        return AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False,
+                                          **(overrides or {}))
     except Exception as e:
         raise LorafitError(f"config.json cannot be read by transformers ({str(e).splitlines()[0][:200]})",
                            model_dir / "config.json") from None
@@ -315,7 +340,7 @@ def tree_from_pretrained(model: str | Path | ModelDir, class_name: str, source: 
     drawn = _from_blueprint(md.config, name, source)
     if drawn is not None:
         return drawn
-    config = load_config(md.path, md.config)
+    config = load_config(md.path, md.config, md.overrides)
     cls = resolve_class(name, config, md.path)
     tree = tree_from_module(build_meta_model(cls, config, md.path), source=source)
     tree.origin = "meta"

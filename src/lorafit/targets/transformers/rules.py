@@ -4,6 +4,8 @@ as modules_to_save, and tied embeddings. These are the transformers runtime's ac
 
 from __future__ import annotations
 
+import re
+
 from ...adapter import Adapter
 from ...align import Alignment, Landing
 from ...findings import Finding
@@ -54,3 +56,23 @@ def runtime_rules(adapter: Adapter, tree: ModuleTree, al: Alignment, class_hint:
     best = al.chosen if al.needs_rewrite and not al.ambiguous else al.as_is
     return (rule_modules_to_save_missing(adapter, tree, best) + rule_task_type(adapter, tree, class_hint)
             + rule_tied(adapter, tree, best))
+
+
+_HEADS = ("classifier", "score", "qa_outputs")
+
+
+def head_size_hint(adapter: Adapter, landing: Landing) -> str | None:
+    """When the only shape conflicts are a classification head's rows, the config field that sizes it and the value
+    the adapter was trained with: the fix is to load the base with that value, not another base."""
+    rows = set()
+    for c in landing.conflicts:
+        name = c.target_path.split(".")[0] if c.target_path else ""
+        got = re.search(r"\[(\d+)", c.expected)
+        if name not in _HEADS or got is None:
+            return None
+        rows.add(int(got.group(1)))
+    if len(rows) != 1 or adapter.task_type not in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", None):
+        return None
+    n = rows.pop()
+    return (f"the adapter's head has {n} labels: load the base as you did in training, from_pretrained(base, "
+            f"num_labels={n}); lorafit: --config num_labels={n}")
