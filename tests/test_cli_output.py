@@ -63,7 +63,7 @@ def test_at_80_columns_the_fix_command_stands_alone_and_nothing_trails(automodel
     for start, end in zip(findings, findings[1:] + [len(lines) - 1], strict=True):
         body = [line for line in lines[start + 1:end] if not line.startswith("lorafit fix ")]
         assert all(line.startswith(" " * 10) for line in body if line.strip() != "fix:"), body  # wrapped lines
-    assert lines[-1] == "check: FAIL (3 error findings)"
+    assert lines[-1] == "check: FAIL (1 error finding; 2 more follow from it)"
 
 
 def test_one_error_is_one_error_finding(bases: dict[str, Path], tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_quiet_verbose_and_no_color(automodel: Path, bases: dict[str, Path]) -> 
     _, quiet, _ = _check(automodel, bases, "-q")
     _, verbose, _ = _check(automodel, bases, "--verbose")
     assert normal.startswith("adapter ") and not quiet.startswith("adapter ") and "error   layout-mismatch" in quiet
-    assert normal.count("e.g. ") == 9 and verbose.count("e.g. ") == 13  # 3 of each finding, or up to 5
+    assert normal.count("e.g. ") == 9 and verbose.count("e.g. ") == 15  # 3 of each finding, or up to 5
     colored = _check(automodel, bases, env={"FORCE_COLOR": "1", "TERM": "xterm-256color"}).out
     plain = _check(automodel, bases, "--no-color", env={"FORCE_COLOR": "1", "TERM": "xterm-256color"}).out
     no_color = _check(automodel, bases, env={"FORCE_COLOR": "1", "NO_COLOR": "1"}).out
@@ -131,3 +131,16 @@ def test_shell_completion_is_available() -> None:
     code, out, err = cli("--show-completion", "bash", process=True,
                          env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert code == 0 and "_lorafit_completion()" in out and "_LORAFIT_COMPLETE" in out, err
+
+
+def test_one_root_cause_and_what_follows_from_it(automodel: Path, bases: dict[str, Path]) -> None:
+    """The layout is the cause; the drops and the empty targets follow from it: linked in JSON, shown under it."""
+    code, out, _ = cli("check", automodel, "--base", bases["llama"], "--class", CAUSAL, "--json")
+    findings = json.loads(out)["findings"]
+    root = next(f for f in findings if f["code"] == "layout-mismatch")
+    assert "caused_by" not in root and root["count"] == 6  # every landing rename, not the examples shown
+    assert {f["code"]: f.get("caused_by") for f in findings if f["code"] != "layout-mismatch"} == {
+        "dropped-tensors": "layout-mismatch", "missing-adapter-weights": "layout-mismatch"}
+    table = _check(automodel, bases).out
+    order = [line.split()[1:3] for line in table.splitlines() if line.startswith("error ")]
+    assert order == [["layout-mismatch", "the"], ["↳", "dropped-tensors"], ["↳", "missing-adapter-weights"]]

@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorafit"
 CORE = {"lorafit.errors", "lorafit.findings", "lorafit.report", "lorafit.user_regex", "lorafit.tensor_info",
         "lorafit.adapter", "lorafit.tree", "lorafit.align", "lorafit.diagnose", "lorafit.version"}
 EDGES = {"lorafit.cli", "lorafit.cli_output", "lorafit.ci_formats", "lorafit.render", "lorafit.demo",
-         "lorafit.__main__"}
+         "lorafit.__main__", "lorafit.hook"}
 # What each layer may import from lorafit (by layer name).
 ALLOWED = {
     "core": {"core"},
@@ -33,6 +33,7 @@ ALLOWED = {
     "render": {"core"},
     "demo": {"api", "render", "core"},
     "__main__": {"cli"},
+    "hook": {"cli"},
 }
 # Never imported by the core, not even lazily: the core is plain data and pure functions.
 HEAVY = {"torch", "transformers", "peft", "safetensors", "numpy", "huggingface_hub"}
@@ -104,7 +105,7 @@ def _allowed_name(importer_layer: str, imported: str) -> bool:
     if importer_layer == "fileio":
         short = imported.split(".")[1] if imported.count(".") >= 1 else imported
         return short in allowed
-    if importer_layer in ("cli", "cli_output", "__main__"):
+    if importer_layer in ("cli", "cli_output", "__main__", "hook"):
         return imported.split(".")[1] in allowed
     return layer_of(imported) in allowed
 

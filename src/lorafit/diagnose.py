@@ -285,9 +285,12 @@ def layout_findings(adapter: Adapter, tree: ModuleTree, al: Alignment, fix_cmd: 
         out.append(Finding("layout-mismatch", f"the adapter was saved for {saved}; it is being loaded into "
                            f"{target}. As saved, {as_is.score} of {al.total} land; after "
                            f"'{chosen.rewrite.describe()}', {chosen.score} of {al.total} land",
-                           [f"{p} -> {chosen.pairs[p]}" for p in list(chosen.pairs)[:3]], hint=hint))
-    out += rule_coverage(adapter, tree, as_is, hint)
-    out += format_rules(as_is, hint)
+                           [f"{p} -> {chosen.pairs[p]}" for p in chosen.pairs], hint=hint))
+    consequences = rule_coverage(adapter, tree, as_is, hint) + format_rules(as_is, hint)
+    if out and out[-1].code == "layout-mismatch":
+        for f in consequences:  # what the stock loader does follows from the layout: one root cause
+            f.caused_by = "layout-mismatch"
+    out += consequences
     if chosen.rewrite.regexes and not fixable:
         # The user chose the mapping: say what it fails to land, even when it lands less than the keys as saved.
         for f in rule_coverage(adapter, tree, chosen, None):

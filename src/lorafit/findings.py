@@ -141,6 +141,7 @@ class Finding:
     runtime: str | None = None  # a serving runtime's finding: the runtime and release it holds for (vllm@0.11)
     source: str | None = None  # where the runtime does it (file: function), documented in docs/runtimes.md
     effect: str | None = None  # "will-not-load" or "not-as-trained", for a serving runtime's verdict
+    caused_by: str | None = None  # the code of the root-cause finding this one follows from (shown under it)
 
     def __post_init__(self) -> None:
         if self.code not in CATALOG:
@@ -149,13 +150,15 @@ class Finding:
             self.severity = CATALOG[self.code].severity
         if self.count is None:
             self.count = len(self.keys)
-        self.keys = list(self.keys)[:5]
+        self.keys = list(self.keys)  # every item: the table shows the first few (-v more), JSON all of them
 
     def to_json(self) -> dict[str, Any]:
         out = {"code": self.code, "severity": self.severity, "message": self.message,
                "keys": self.keys, "count": self.count, "hint": self.hint}
         if self.runtime is not None:
             out |= {"runtime": self.runtime, "source": self.source, "effect": self.effect}
+        if self.caused_by is not None:
+            out["caused_by"] = self.caused_by
         return out
 
 

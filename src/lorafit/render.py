@@ -57,8 +57,9 @@ def render(report: Report, console: Any = None, show_modules: bool = False, verb
         if report.result.get("runtimes"):
             _render_runtimes(report.result["runtimes"], buffer)
     _render_findings(report, buffer, width, verbosity)
-    errors = len(report.errors())
-    verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/] ({errors} error finding{'s' * (errors != 1)})"
+    from rich.markup import escape
+
+    verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/]{escape(report.verdict()[4:])}"
     buffer.print(f"{report.command}: {verdict}")
     text = buffer.file.getvalue()  # type: ignore[attr-defined]
     target.file.write("\n".join(_TRAILING.sub(r"\1", line) for line in text.split("\n")))
@@ -92,6 +93,19 @@ def _render_summary(report: Report, console: Any) -> None:
     console.print(summary)
 
 
+def _roots_first(findings: list[Any]) -> list[Any]:
+    """Findings by severity, each root cause followed by the findings it causes (caused_by)."""
+    ordered = sort_findings(findings)
+    codes = {f.code for f in ordered}
+    out = []
+    for f in ordered:
+        if f.caused_by and f.caused_by in codes:
+            continue
+        out.append(f)
+        out += [c for c in ordered if c.caused_by == f.code]
+    return out
+
+
 def is_command(hint: str) -> bool:
     """A hint that is a command line to paste (it is printed alone and unwrapped)."""
     return hint.startswith(("lorafit ", "hf ", "pip ", "python "))
@@ -110,12 +124,14 @@ def _render_findings(report: Report, console: Any, width: int, verbosity: int) -
 
     hints_shown: set[str] = set()
     shown = 5 if verbosity > 0 else 3
-    for f in sort_findings(report.findings):
-        head = f"{f.severity:<7} {f.code}  "
+    for f in _roots_first(report.findings):
+        arrow = "↳ " if f.caused_by else ""
+        head = f"{f.severity:<7} {arrow}{f.code}  "
         lines = textwrap.wrap(printable(head + f.message), width=width, subsequent_indent=_INDENT,
                               break_on_hyphens=False)
         first = lines[0][len(head):] if lines else ""
-        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] [bold]{f.code}[/]  {escape(first)}", soft_wrap=True)
+        console.print(f"[{_STYLE[f.severity]}]{f.severity:<7}[/] {arrow}[bold]{f.code}[/]  {escape(first)}",
+                      soft_wrap=True)
         for line in lines[1:]:
             console.print(escape(line), soft_wrap=True)
         for k in f.keys[:shown]:

@@ -52,10 +52,20 @@ class Report:
             "modules": self.modules, "result": self.result,
         }
 
+    def verdict(self) -> str:
+        """'OK', or 'FAIL (2 error findings; 2 more follow from them)': root causes counted apart from what follows
+        from them (caused_by)."""
+        if self.ok:
+            return "OK"
+        errors = self.errors()
+        follow = sum(1 for f in errors if f.caused_by)
+        roots = len(errors) - follow
+        more = f"; {follow} more follow{'s' * (follow == 1)} from {'it' if roots == 1 else 'them'}" if follow else ""
+        return f"FAIL ({roots} error finding{'s' * (roots != 1)}{more})"
+
     def _lines(self) -> list[tuple[str, str]]:
         """(style, line): the verdict, then each finding with its first keys and fix (a report's short form)."""
-        errors = len(self.errors())
-        verdict = "OK" if self.ok else f"FAIL ({errors} error finding{'s' * (errors != 1)})"
+        verdict = self.verdict()
         out = [("bold green" if self.ok else "bold red", f"lorafit {self.command}: {verdict}")]
         style = {ERROR: "red", WARNING: "yellow", INFO: "cyan"}
         for f in sort_findings(self.findings):
@@ -83,7 +93,7 @@ class Report:
         from html import escape
 
         color = {ERROR: "#c62828", WARNING: "#b26a00", INFO: "#1565c0"}
-        verdict = "OK" if self.ok else f"FAIL ({len(self.errors())} error finding{'s' * (len(self.errors()) != 1)})"
+        verdict = self.verdict()
         rows = "".join(
             f"<tr><td style='color:{color[f.severity]}'>{f.severity}</td><td><code>{escape(f.code)}</code></td>"
             f"<td>{escape(f.message)}{''.join(f'<br><small>e.g. {escape(k)}</small>' for k in f.keys[:3])}"

@@ -88,9 +88,13 @@ def rule_targets_nothing(adapter: Adapter, tree: ModuleTree, hint: str | None) -
         return []  # "all-linear" is expanded by PEFT against the model itself
     if any(info.lora_kind and targeting.is_targeted(adapter.config, p) for p, info in tree.modules.items()):
         return []
-    return [Finding("targets-nothing", f"target_modules {adapter.config.get('target_modules')!r} (with "
-                    f"layers_to_transform / exclude_modules) selects no module of {tree.class_name}: "
-                    "PeftModel.from_pretrained raises NoMatchingPeftModuleError (a ValueError)", hint=hint)]
+    targets = adapter.config.get("target_modules")
+    names = list(targets) if isinstance(targets, list) else [str(targets)]
+    shown = ", ".join(names[:3]) + (f", … ({len(names)} in all)" if len(names) > 3 else "")
+    also = [k for k in ("layers_to_transform", "exclude_modules") if adapter.config.get(k)]
+    return [Finding("targets-nothing", f"target_modules [{shown}]{' with ' + ' and '.join(also) if also else ''} "
+                    f"selects no module of {tree.class_name}: PeftModel.from_pretrained raises "
+                    "NoMatchingPeftModuleError (a ValueError)", names, hint=hint)]
 
 
 def rule_parameter_options(adapter: Adapter) -> list[Finding]:
