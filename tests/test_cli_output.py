@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import make_adapter
-from helpers import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, cli_json
 
 CAUSAL = "AutoModelForCausalLM"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -63,7 +63,7 @@ def test_at_80_columns_the_fix_command_stands_alone_and_nothing_trails(automodel
     for start, end in zip(findings, findings[1:] + [len(lines) - 1], strict=True):
         body = [line for line in lines[start + 1:end] if not line.startswith("lorafit fix ")]
         assert all(line.startswith(" " * 10) for line in body if line.strip() != "fix:"), body  # wrapped lines
-    assert lines[-1] == "check: FAIL (1 error finding; 2 more follow from it)"
+    assert lines[-1] == "check: FAIL (1 error finding)"
 
 
 def test_one_error_is_one_error_finding(bases: dict[str, Path], tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_sarif(automodel: Path, bases: dict[str, Path]) -> None:
     rules = [r["id"] for r in run["tool"]["driver"]["rules"]]
     assert rules == ["layout-mismatch", "dropped-tensors", "missing-adapter-weights"]
     assert [(r["ruleId"], r["ruleIndex"], r["level"]) for r in run["results"]] == [
-        ("layout-mismatch", 0, "error"), ("dropped-tensors", 1, "error"), ("missing-adapter-weights", 2, "error")]
+        ("layout-mismatch", 0, "error"), ("dropped-tensors", 1, "warning"), ("missing-adapter-weights", 2, "warning")]
     uri = run["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
     assert uri == (automodel / "adapter_config.json").resolve().as_uri()
 
@@ -141,6 +141,35 @@ def test_one_root_cause_and_what_follows_from_it(automodel: Path, bases: dict[st
     assert "caused_by" not in root and root["count"] == 6  # every landing rename, not the examples shown
     assert {f["code"]: f.get("caused_by") for f in findings if f["code"] != "layout-mismatch"} == {
         "dropped-tensors": "layout-mismatch", "missing-adapter-weights": "layout-mismatch"}
+    assert [f["severity"] for f in findings] == ["error", "warning", "warning"]  # one root cause, one error
     table = _check(automodel, bases).out
-    order = [line.split()[1:3] for line in table.splitlines() if line.startswith("error ")]
-    assert order == [["layout-mismatch", "the"], ["↳", "dropped-tensors"], ["↳", "missing-adapter-weights"]]
+    order = [line.split()[:3] for line in table.splitlines() if line.startswith(("error ", "warning "))]
+    assert order == [["error", "layout-mismatch", "the"], ["warning", "↳", "dropped-tensors"],
+                     ["warning", "↳", "missing-adapter-weights"]]
+
+
+def test_numbers_say_their_units(bases: dict[str, Path], tmp_path: Path) -> None:
+    make_adapter(bases["llama"], CAUSAL, tmp_path / "a")
+    code, out, _ = cli("merge", tmp_path / "a", "-o", tmp_path / "m")
+    assert code == 0 and re.search(r"^bytes\s+\d+ bytes \([\d.]+ kB\)$", out, flags=re.M)
+    code, report = cli_json("merge", tmp_path / "a", "-o", tmp_path / "m2")
+    assert report["result"]["units"]["bytes"] == "bytes"
+    code, report = cli_json("verify-merge", tmp_path / "m", "--adapter", tmp_path / "a")
+    assert code == 0 and report["result"]["units"]["max_error_eps"].startswith("epsilons of the merged dtype")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o755), (0o077, 0o700)])
+def test_outputs_get_the_permissions_of_a_normal_mkdir(bases: dict[str, Path], tmp_path: Path, umask: int,
+                                                       mode: int) -> None:
+    """A serving container running as another user must be able to read what fix and merge write."""
+    import os
+    import stat
+
+    make_adapter(bases["llama"], "AutoModel", tmp_path / "a")
+    for args in (["fix", tmp_path / "a", "--class", CAUSAL, "-o", tmp_path / "f"],
+                 ["merge", tmp_path / "a", "-o", tmp_path / "m", "--class", "AutoModel"]):
+        done = cli(*args, process=True, preexec_fn=lambda: os.umask(umask))
+        assert done.code == 0, done.err
+    for out in (tmp_path / "f", tmp_path / "m"):
+        assert stat.S_IMODE(out.stat().st_mode) == mode
+        assert all(stat.S_IMODE(p.stat().st_mode) == mode & 0o666 for p in out.iterdir())

@@ -130,7 +130,9 @@ def test_regex_targets_that_select_nothing(bases: dict[str, Path], tmp_path: Pat
     with pytest.raises(ValueError):
         PeftModel.from_pretrained(load_model(bases["llama"], "AutoModel"), adapter)
     code, report = cli_json("check", adapter, "--base", bases["llama"], "--class", "AutoModel")
-    assert code == 1 and "targets-nothing" in codes(report, "error")
+    assert code == 1 and codes(report, "error") == {"layout-mismatch"}  # the cause; what PEFT raises follows from it
+    (nothing,) = [f for f in report["findings"] if f["code"] == "targets-nothing"]
+    assert nothing["caused_by"] == "layout-mismatch" and "NoMatchingPeftModuleError" in nothing["message"]
     out = tmp_path / "fixed"
     assert lorafit.fix(adapter, bases["llama"], out, class_name="AutoModel").ok
     fixed = PeftModel.from_pretrained(load_model(bases["llama"], "AutoModel"), out)

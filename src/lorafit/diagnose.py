@@ -288,8 +288,10 @@ def layout_findings(adapter: Adapter, tree: ModuleTree, al: Alignment, fix_cmd: 
                            [f"{p} -> {chosen.pairs[p]}" for p in chosen.pairs], hint=hint))
     consequences = rule_coverage(adapter, tree, as_is, hint) + format_rules(as_is, hint)
     if out and out[-1].code == "layout-mismatch":
-        for f in consequences:  # what the stock loader does follows from the layout: one root cause
+        for f in consequences:  # what the stock loader does follows from the layout: one root cause, one error
             f.caused_by = "layout-mismatch"
+            if f.severity == "error":
+                f.severity = "warning"
     out += consequences
     if chosen.rewrite.regexes and not fixable:
         # The user chose the mapping: say what it fails to land, even when it lands less than the keys as saved.

@@ -87,9 +87,10 @@ def _render_summary(report: Report, console: Any) -> None:
         how = a["rewrite"].get("description", a["rewrite"])
         summary.add_row("alignment", Text(printable(f"as saved {a['lands_as_is']}/{a['total']} land; best rewrite "
                                                     f"'{how}' lands {a['lands_after_rewrite']}/{a['total']}")))
+    units = report.result.get("units") or {}
     for k, v in report.result.items():
         if isinstance(v, (str, int, float, bool)):
-            summary.add_row(k, Text(printable(str(v))))
+            summary.add_row(k, Text(printable(_with_unit(v, units.get(k)))))
     console.print(summary)
 
 
@@ -104,6 +105,22 @@ def _roots_first(findings: list[Any]) -> list[Any]:
         out.append(f)
         out += [c for c in ordered if c.caused_by == f.code]
     return out
+
+
+def _with_unit(value: Any, unit: str | None) -> str:
+    """A result value as people read it: 31880 bytes -> '31880 bytes (31.9 kB)', 0.5 epsilons -> '0.5 ε'."""
+    if unit in ("bytes", "bytes/s") and isinstance(value, int) and not isinstance(value, bool):
+        size, prefixes = float(value), ["B", "kB", "MB", "GB", "TB"]
+        while size >= 1000 and len(prefixes) > 1:
+            size /= 1000
+            prefixes.pop(0)
+        rate = "/s" if unit == "bytes/s" else ""
+        return f"{value} {unit} ({size:.3g} {prefixes[0]}{rate})"
+    if unit == "s":
+        return f"{value} s"
+    if unit and unit.startswith("epsilons"):
+        return f"{value} ε (dtype epsilons)"
+    return str(value)
 
 
 def is_command(hint: str) -> bool:

@@ -51,7 +51,9 @@ def _shown(value: Any) -> str:
 def _refused(report: Report, after: Report, cleaned: list[Finding], out: Path) -> Report:
     """The report of a fix that wrote nothing: what it could not mend, as the rewritten adapter shows it."""
     landing = mended_by(FIX)
-    report.findings = [f for f in report.findings if f.code not in landing or f.severity != "error"]
+    # what fix mends is left out: errors, and the consequences shown under them; what remains is said anew below
+    report.findings = [f for f in report.findings if f.code not in landing or (f.severity != "error"
+                                                                               and not f.caused_by)]
     for f in after.findings:
         if f.severity == "error":
             f.message = f"after the best rewrite: {f.message}"

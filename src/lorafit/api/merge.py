@@ -257,7 +257,7 @@ def _report_result(report: Report, plan: MergePlan, checked: Checked, out: Path,
         "tensors_changed": len(plan.changes), "modules_merged": len(plan.modules), "bytes": total,
         "seconds": round(seconds, 3), "bytes_per_s": int(total / seconds) if seconds > 0 else None,
         "dtype": out_dtype or "as base", "safe_merge": safe, "rewrite": rewrite, "workers": workers,
-        "files_copied": copied,
+        "files_copied": copied, "units": {"bytes": "bytes", "seconds": "s", "bytes_per_s": "bytes/s"},
     }
     report.modules = [{"path": tp.name, "modules": [d.module + (".bias" if d.role == "bias" else "")
                                                     for d in tp.deltas],

@@ -292,7 +292,9 @@ def verify_merge(merged: str | Path, base: str | Path | None, adapter: Adapter |
                   modules=[r.to_json() for r in rows],
                   result={"merged": str(merged_dir), "tensors": len(plan.order), "adapted": len(rows),
                           "adapted_ok": len(rows) - bad, "bit_identical": sum(identical),
-                          "max_error_eps": max((r.max_eps for r in rows), default=0.0)})
+                          "max_error_eps": max((r.max_eps for r in rows), default=0.0),
+                          "units": {"max_error_eps": "epsilons of the merged dtype, relative to the largest quantity "
+                                                     "in the computation", "max_abs_error": "absolute (per module)"}})
 
 
 def _findings(rows: list[_Row], changed: list[str], missing: list[str], untied: list[str], merged_dir: Path,

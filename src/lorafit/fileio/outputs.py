@@ -24,6 +24,7 @@ import socket
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ..errors import LorafitError, OutputExistsError
 
@@ -243,6 +244,40 @@ class OutputDir:
             except OSError:
                 break
         self._made.clear()
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, since setting it to read it races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_created(path: Path) -> None:
+    """Give `path` the mode a plain open() would under the umask: safetensors writes its files 0600, and a serving
+    user other than the writer must be able to read the output."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def save_tensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the file's mode as a plain open() gives it and a one-line error on failure.
+
+    Raises:
+        LorafitError: the file cannot be written (disk full, ...).
+    """
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # safetensors reports a failed write (disk full) as its own SafetensorError
+        raise LorafitError(f"cannot write the output ({(str(e).splitlines() or [''])[0][:160]})") from None
+    as_created(path)
 
 
 def write_json(path: Path, data: object) -> None:

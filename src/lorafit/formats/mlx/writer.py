@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter import Adapter
 from ...errors import LorafitError
-from ...fileio.outputs import write_json
+from ...fileio.outputs import save_tensors, write_json
 from ...version import __version__
 from . import layer_key
 
@@ -34,7 +34,6 @@ def to_mlx(a: Adapter, out: Path, num_hidden_layers: int | None, paths: dict[str
     """Write `a` as an mlx-lm adapter into the directory `out`; `paths` renames module paths (adapter -> base's
     class, from a landing), else `base_model.model.` is stripped. Returns how (rank, scale, num_layers, ...)."""
     import torch
-    from safetensors.torch import save_file
 
     mods = {(paths or {}).get(m.path) or _strip(m.path): m for m in a.modules.values()}
     cells = {p: layer_key(p) for p in mods}
@@ -70,7 +69,7 @@ def to_mlx(a: Adapter, out: Path, num_hidden_layers: int | None, paths: dict[str
             lora_b = torch.zeros(rank, B.shape[0], dtype=B.dtype)
             lora_b[: m.rank] = B.T
             tensors[f"{path}.lora_a"], tensors[f"{path}.lora_b"] = lora_a, lora_b
-    save_file(tensors, str(out / "adapters.safetensors"), metadata={"format": "mlx", "lorafit.version": __version__})
+    save_tensors(tensors, out / "adapters.safetensors", {"format": "mlx", "lorafit.version": __version__})
     dropout = a.config.get("lora_dropout", 0.0) if a.format == "peft" else 0.0
     config = {"fine_tune_type": "lora", "num_layers": total - first,
               "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys}}
@@ -83,7 +82,6 @@ def to_mlx(a: Adapter, out: Path, num_hidden_layers: int | None, paths: dict[str
 
 def to_peft(a: Adapter, out: Path) -> dict[str, Any]:
     """Write the mlx-lm adapter `a` as a PEFT adapter into the directory `out`. Returns r, lora_alpha, layers."""
-    from safetensors.torch import save_file
 
     cfg = a.config
     params = cfg["lora_parameters"]
@@ -92,7 +90,7 @@ def to_peft(a: Adapter, out: Path) -> dict[str, Any]:
     for m in a.modules.values():
         tensors[f"{PEFT_ROOT}{m.path}.lora_A.weight"] = a.tensor(m.keys["A"])
         tensors[f"{PEFT_ROOT}{m.path}.lora_B.weight"] = a.tensor(m.keys["B"])
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
     cells = [c for c in map(layer_key, a.modules) if c]
     top = max(c[1] for c in cells)
     layers = list(range(top + 1 - int(cfg["num_layers"]), top + 1))

@@ -14,9 +14,8 @@ from typing import Any
 
 from ...adapter import Adapter
 from ...align import Landing, Rewrite
-from ...errors import LorafitError
 from ...fileio.inputs import confined, open_regular
-from ...fileio.outputs import write_json
+from ...fileio.outputs import save_tensors, write_json
 from ...tree import ModuleTree
 from ...version import __version__
 from . import targeting
@@ -104,8 +103,6 @@ def write_adapter(adapter: Adapter, m: Landing, tree: ModuleTree, out_dir: Path,
         LorafitError: with follow_symlinks False, an adapter file is a symlink out of the adapter directory;
             or a file to carry along is a FIFO or device.
     """
-    from safetensors.torch import save_file
-
     for f in (adapter.path / CONFIG_NAME, adapter.weights_path):
         confined(f, adapter.path, follow_symlinks)
     keymap = remap_keys(adapter, m)
@@ -118,10 +115,7 @@ def write_adapter(adapter: Adapter, m: Landing, tree: ModuleTree, out_dir: Path,
         "lorafit.rewrite": m.rewrite.describe(),
         "lorafit.keys_renamed": str(sum(k != v for k, v in keymap.items())),
     }
-    try:
-        save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt", **provenance})
-    except Exception as e:  # safetensors reports a failed write (disk full) as its own SafetensorError
-        raise LorafitError(f"cannot write the output ({(str(e).splitlines() or [''])[0][:160]})") from None
+    save_tensors(tensors, out_dir / SAFETENSORS_NAME, {"format": "pt", **provenance})
     write_json(out_dir / CONFIG_NAME, fixed_config(adapter, tree, m))
     for f in sorted(adapter.path.iterdir()):  # README, tokenizer files: carried along unchanged
         if f.name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME) or f.name.startswith(".") or f.is_dir():
