@@ -77,7 +77,7 @@ def test_quiet_verbose_and_no_color(automodel: Path, bases: dict[str, Path]) -> 
     _, quiet, _ = _check(automodel, bases, "-q")
     _, verbose, _ = _check(automodel, bases, "--verbose")
     assert normal.startswith("adapter ") and not quiet.startswith("adapter ") and "error   layout-mismatch" in quiet
-    assert normal.count("e.g. ") == 9 and verbose.count("e.g. ") == 15  # 3 of each finding, or up to 5
+    assert normal.count("e.g. ") == 9 and verbose.count("e.g. ") == 18  # 3 of each finding, or all 6
     colored = _check(automodel, bases, env={"FORCE_COLOR": "1", "TERM": "xterm-256color"}).out
     plain = _check(automodel, bases, "--no-color", env={"FORCE_COLOR": "1", "TERM": "xterm-256color"}).out
     no_color = _check(automodel, bases, env={"FORCE_COLOR": "1", "NO_COLOR": "1"}).out
@@ -173,3 +173,11 @@ def test_outputs_get_the_permissions_of_a_normal_mkdir(bases: dict[str, Path], t
     for out in (tmp_path / "f", tmp_path / "m"):
         assert stat.S_IMODE(out.stat().st_mode) == mode
         assert all(stat.S_IMODE(p.stat().st_mode) == mode & 0o666 for p in out.iterdir())
+
+
+def test_a_usage_error_with_json_prints_json_too() -> None:
+    for args in (["check", "--json"], ["check", "x", "--json", "--bogus"], ["inspect", "-f", "json", "--nope"]):
+        code, out, err = cli(*args)
+        assert code == 2 and err.startswith("lorafit: error: ") and len(err.strip().splitlines()) == 1
+        doc = json.loads(out)
+        assert doc["ok"] is False and doc["error"]["type"] == "UsageError" and doc["command"] == args[0]

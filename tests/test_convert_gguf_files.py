@@ -44,7 +44,7 @@ def test_what_it_writes(bases: dict[str, Path], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("family", "lora", "why"), [
     ("llama", {"use_dora": True}, "DoRA"),
-    ("llama", {"modules_to_save": ["lm_head"]}, "full tensors"),
+    ("llama", {"modules_to_save": ["lm_head"]}, "full tensor"),
     ("gpt2", {}, "this base is 'gpt2'"),
 ])
 def test_what_gguf_cannot_hold_is_refused(bases: dict[str, Path], tmp_path: Path, family: str,

@@ -137,7 +137,7 @@ def test_mlx_lower_layers_round_trip_keeps_the_layers(base: Path, tmp_path: Path
 
 @pytest.mark.parametrize(("lora", "why"), [
     ({"use_dora": True}, "DoRA"),
-    ({"modules_to_save": ["lm_head"]}, "full tensors"),
+    ({"modules_to_save": ["lm_head"]}, "full tensor"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "non-linear modules"),
     ({"layers_to_transform": [0]}, "pass --base"),
 ])

@@ -16,3 +16,5 @@ def test_demo_runs_and_keeps_files(tmp_path: Path) -> None:
     assert "hidden states equal the trained adapter's on its own class: True" in out
     fixed = tmp_path / "demo" / "counting-lora-automodel"
     assert (fixed / "adapter_model.safetensors").exists() and (fixed / "adapter_config.json").exists()
+    assert not [line for line in out.splitlines() if line != line.rstrip()]  # reads cleanly in a log
+    assert "s with start-up and imports" in out.splitlines()[-1]

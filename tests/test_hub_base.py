@@ -108,3 +108,14 @@ def test_nothing_is_written_inside_the_cache(hub: dict[str, Any]) -> None:
     code, out, err = cli("fix", hub["adapter"], "--class", "AutoModel", "-o", inside, env=hub["env"])
     assert_one_line_error(code, out, err, "inside the HF cache")
     assert not inside.exists()
+
+
+def test_runtime_checks_take_revision_and_config_too(hub: dict[str, Any]) -> None:
+    code, out, err = cli("check", hub["adapter"], "--runtime", "vllm", "--revision", "v9", env=hub["env"])
+    assert_one_line_error(code, out, err, "not found locally at revision v9")
+    code, out, err = cli("check", hub["adapter"], "--runtime", "vllm", "--base", REPO, "--config", "bogus",
+                         env=hub["env"])
+    assert_one_line_error(code, out, err, "must look like KEY=VALUE")
+    code, report = cli_json("check", hub["adapter"], "--runtime", "vllm", "--base", REPO, "--revision", "v2",
+                            "--class", "AutoModel")
+    assert code == 2  # without the cache in the environment, the hub id is not here

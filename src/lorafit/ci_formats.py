@@ -50,18 +50,18 @@ def github_annotations(report: Report) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def sarif_log(report: Report) -> str:
-    """The report as a SARIF 2.1.0 log with one run."""
-    where = location(report)
-    findings = sort_findings(report.findings)
-    codes = list(dict.fromkeys(f.code for f in findings))
+def sarif_log(reports: Report | list[Report]) -> str:
+    """One or more reports (a scan's) as a SARIF 2.1.0 log with one run: each finding located at its adapter."""
+    many = reports if isinstance(reports, list) else [reports]
+    located = [(f, location(r)) for r in many for f in sort_findings(r.findings)]
+    codes = list(dict.fromkeys(f.code for f, _ in located))
     rules = [{"id": code, "name": "".join(w.capitalize() for w in code.split("-")),
               "shortDescription": {"text": CATALOG[code].title},
               "fullDescription": {"text": f"{CATALOG[code].title}. Documented in lorafit's docs/findings.md."},
               "defaultConfiguration": {"level": _SARIF_LEVEL[CATALOG[code].severity]},
               "properties": {"scope": CATALOG[code].scope}} for code in codes]
     results = []
-    for f in findings:
+    for f, where in located:
         result: dict[str, Any] = {"ruleId": f.code, "ruleIndex": codes.index(f.code), "level": _SARIF_LEVEL[f.severity],
                                   "message": {"text": _text(f)},
                                   "properties": {"keys": f.keys, "count": f.count}}
@@ -75,6 +75,7 @@ def sarif_log(report: Report) -> str:
            "runs": [{"tool": {"driver": {"name": "lorafit", "version": __version__, "semanticVersion": __version__,
                                          "rules": rules}},
                      "invocations": [{"executionSuccessful": True,
-                                      "properties": {"command": report.command, "ok": report.ok}}],
+                                      "properties": {"command": many[0].command if many else "scan",
+                                                     "ok": all(r.ok for r in many)}}],
                      "results": results}]}
     return json.dumps(log, indent=2) + "\n"

@@ -23,6 +23,7 @@ from .cli_output import (
     output_format,
     quiet_libraries,
     run_command,
+    usage_error,
 )
 
 STARTED = time.time()  # when the command started, as near as lorafit can tell (the demo reports the whole time)
@@ -153,7 +154,7 @@ def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = Non
     def run_runtimes() -> Any:
         from .api.runtimes import check_runtimes
 
-        return check_runtimes(adapter, runtime, base, class_name, key_mapping, settings)
+        return check_runtimes(adapter, runtime, base, class_name, key_mapping, settings, revision, config)
 
     run_command(run_runtimes, output_format(fmt, as_json), "check")
 
@@ -280,6 +281,34 @@ def verify_merge(merged: Annotated[str, typer.Argument(help="Directory of the me
 
     run_command(lambda: run(merged, base, adapter, class_name=class_name, key_mapping=key_mapping, revision=revision),
                 output_format(fmt, as_json), "verify-merge")
+
+
+@app.command(epilog=_TREE_ENV)
+def scan(paths: Annotated[list[Path] | None, typer.Argument(help="Directories to search for adapters (adapter_config"
+                                                             ".json or adapters.safetensors), recursively.")] = None,
+         base: Annotated[str | None, typer.Option(
+             "--base", "-b", help="Judge every adapter on this base. Default: the base each adapter names; adapters "
+             "are grouped by base, one module tree each.")] = None,
+         class_name: ClassOpt = None, runtime: RuntimeOpt = None,
+         hf_cache: Annotated[bool, typer.Option("--hf-cache", help="Also scan the adapters in the local HF cache.")]
+         = False,
+         out: Annotated[Path | None, typer.Option(
+             "--out", "-o", help="Write REPORT_DIR/scan.jsonl (one check --json record per adapter) and "
+             "summary.json.")] = None,
+         workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: one per core).")]
+         = None,
+         as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
+    """Vet a fleet: every adapter under PATHS, on its base and --runtime, in parallel; results cached by content.
+
+    Exit codes: 0 all clean, 1 any adapter with an error finding or unreadable (a row, the scan goes on), 2 usage.
+    """
+    from .cli_output import run_scan
+
+    if not paths and not hf_cache:
+        usage_error("scan needs PATHS, or --hf-cache")
+    run_scan(list(paths or []), base, class_name, list(runtime or []), hf_cache, out, workers,
+             output_format(fmt, as_json))
+
 
 
 class Terminated(BaseException):

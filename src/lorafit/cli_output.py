@@ -4,6 +4,7 @@ line, and the global -v/-q/--no-color settings. cli.py declares the commands; th
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -54,11 +55,20 @@ def output_format(fmt: OutputFormat | str, as_json: bool) -> str:
 
 
 class OneLineUsage(UsageError):
-    """A usage error shown as one line on stderr: what is wrong, and where help is."""
+    """A usage error shown as one line on stderr: what is wrong, and where help is; with --json (or --format json)
+    among the arguments, also the error as JSON on stdout."""
+
+    as_json = False
 
     def show(self, file: Any = None) -> None:
         command = self.ctx.command_path if self.ctx else "lorafit"
-        typer.echo(f"lorafit: error: {self.format_message()} (see {command} -h)", err=True)
+        message = f"{self.format_message()} (see {command} -h)"
+        typer.echo(f"lorafit: error: {message}", err=True)
+        if self.as_json:
+            from .report import error_json
+
+            name = (self.ctx.info_name if self.ctx and self.ctx.parent else None) or "lorafit"
+            sys.stdout.write(error_json(name, self, message, kind="UsageError") + "\n")
 
 
 class LorafitGroup(TyperGroup):
@@ -66,22 +76,26 @@ class LorafitGroup(TyperGroup):
 
     def make_context(self, info_name: str | None, args: list[str], parent: Context | None = None,
                      **extra: Any) -> Context:
+        self.argv = list(args)  # the whole command line: a usage error in a subcommand reads --json from it
         try:
             return super().make_context(info_name, args, parent, **extra)
         except UsageError as e:
-            raise _one_line(e) from None
+            raise _one_line(e, args) from None
 
     def invoke(self, ctx: Context) -> Any:
         try:
             return super().invoke(ctx)
         except UsageError as e:
-            raise _one_line(e) from None
+            raise _one_line(e, getattr(self, "argv", [])) from None
 
 
-def _one_line(e: UsageError) -> UsageError:
+def _one_line(e: UsageError, args: list[str]) -> UsageError:
     if type(e).__name__ == "NoArgsIsHelpError" or isinstance(e, OneLineUsage):  # `lorafit` alone prints the help
         return e
-    return OneLineUsage(e.format_message(), e.ctx)
+    one = OneLineUsage(e.format_message(), e.ctx)
+    one.as_json = "--json" in args or any(a in ("--format=json", "-fjson") for a in args) or any(
+        a in ("--format", "-f") and b == "json" for a, b in zip(args, args[1:], strict=False))
+    return one
 
 
 def usage_error(message: str) -> None:
@@ -149,3 +163,54 @@ def run_command(fn: Callable[[], Any], fmt: str, command: str, show_modules: boo
         _bad_input(e, f"unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the traceback; please "
                    "report it)", fmt, command)
     emit(report, fmt, show_modules)
+
+
+def run_scan(paths: list[Any], base: str | None, class_name: str | None, runtimes: list[str], hf_cache: bool,
+             out: Any, workers: int | None, fmt: str) -> None:
+    """lorafit scan: a progress bar, then the per-adapter table (or JSONL / github / sarif), REPORT_DIR if asked."""
+    quiet_libraries()
+    from .api.scan import ScanOptions, scan
+
+    try:
+        if runtimes:
+            from .api.runtimes import parse_runtimes
+
+            parse_runtimes(runtimes)  # an unknown runtime is a usage error before any work
+        result = scan(paths, ScanOptions(base, class_name, runtimes), workers, hf_cache,
+                      progress=_scan_progress() if fmt == "table" and sys.stderr.isatty() else None)
+        if out is not None:
+            _write_scan(result, out)
+    except LorafitError as e:
+        _bad_input(e, str(e), fmt, "scan")
+    if fmt == "json":
+        sys.stdout.write("".join(json.dumps(r, default=str) + "\n" for r in result.records))
+    elif fmt in ("github", "sarif"):
+        from .ci_formats import github_annotations, sarif_log
+
+        reports = result.reports()
+        sys.stdout.write("".join(github_annotations(r) for r in reports) if fmt == "github" else sarif_log(reports))
+    else:
+        from .render import render_scan
+
+        render_scan(result, color=SETTINGS.color)
+    raise typer.Exit(result.exit_code)
+
+
+def _scan_progress() -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        sys.stderr.write(f"\rlorafit scan: {done}/{total} adapters")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _write_scan(result: Any, out: Any) -> None:
+    from pathlib import Path
+
+    from .fileio.outputs import OutputDir
+
+    with OutputDir(Path(out)) as tmp:
+        (tmp / "scan.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in result.records))
+        (tmp / "summary.json").write_text(json.dumps(result.summary() | {"groups": result.groups}, indent=2) + "\n")

@@ -79,7 +79,7 @@ def run_demo(keep: Path | None = None, started: float | None = None) -> int:
     from .api.fix import fix
     from .render import render
 
-    console = Console()
+    console = Console(soft_wrap=True)  # a line wrapped by rich ends in a space; the terminal wraps it instead
     t0 = time.time()
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lorafit-demo-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,23 @@ def render(report: Report, console: Any = None, show_modules: bool = False, verb
 
     verdict = "[bold green]OK[/]" if report.ok else f"[bold red]FAIL[/]{escape(report.verdict()[4:])}"
     buffer.print(f"{report.command}: {verdict}")
-    text = buffer.file.getvalue()  # type: ignore[attr-defined]
+    _flush(buffer, target)
+
+
+def _capture(target: Any, color: bool) -> Any:
+    """A console that renders into memory at the target's width, so lines can be cleaned before they are printed."""
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=max(60, target.width), force_terminal=target.is_terminal and color,
+                   color_system="truecolor" if color and target.color_system else None, no_color=not color,
+                   highlight=False, legacy_windows=False)
+
+
+def _flush(buffer: Any, target: Any) -> None:
+    """What `buffer` holds, without trailing spaces, to the target console's file."""
+    text = buffer.file.getvalue()
     target.file.write("\n".join(_TRAILING.sub(r"\1", line) for line in text.split("\n")))
     target.file.flush()
 
@@ -140,7 +156,7 @@ def _render_findings(report: Report, console: Any, width: int, verbosity: int) -
             console.print(f"[{style}]{escape(line)}[/]" if style else escape(line), soft_wrap=True)
 
     hints_shown: set[str] = set()
-    shown = 5 if verbosity > 0 else 3
+    shown = len(max((f.keys for f in report.findings), key=len, default=[])) if verbosity > 0 else 3
     for f in _roots_first(report.findings):
         arrow = "↳ " if f.caused_by else ""
         head = f"{f.severity:<7} {arrow}{f.code}  "
@@ -155,7 +171,7 @@ def _render_findings(report: Report, console: Any, width: int, verbosity: int) -
             console.print(f"[dim]{escape(printable(f'{_INDENT}e.g. {k}'))}[/]", soft_wrap=True)
         more = (f.count or 0) - min(shown, len(f.keys))
         if more > 0:
-            console.print(f"[dim]{_INDENT}(+{more} more{'; --json lists them' if verbosity > 0 else ''})[/]")
+            console.print(f"[dim]{_INDENT}(+{more} more; -v or --json lists them)[/]")
         if f.hint and f.hint not in hints_shown:
             hints_shown.add(f.hint)
             if is_command(f.hint):
@@ -214,3 +230,27 @@ def _render_modules(report: Report, console: Any, width: int = 200) -> None:
         nums = sorted(int(x) for x in layers if x)
         table.add_row(*(Text(printable(str(c))) for c in (key[0], ranges(nums), *key[1:])))
     console.print(table)
+
+
+def render_scan(result: Any, color: bool = True) -> None:
+    """One line per adapter (its verdict and finding codes), then the totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    target = Console(no_color=not color, highlight=False)
+    console = _capture(target, color)
+    table = Table.grid(padding=(0, 2))
+    for r in result.records:
+        if "error" in r:
+            table.add_row(printable(r["adapter"]), "[red]unreadable[/]", printable(r["error"]["message"][:200]))
+            continue
+        findings = r["report"]["findings"]
+        errors = sorted({f["code"] for f in findings if f["severity"] == "error"})
+        verdict = "[green]ok[/]" if not errors else f"[red]{len(errors)} error{'s' * (len(errors) != 1)}[/]"
+        table.add_row(printable(r["adapter"]), verdict, ", ".join(errors))
+    console.print(table)
+    s = result.summary()
+    console.print(f"scan: {s['adapters']} adapters on {s['bases']} base{'s' * (s['bases'] != 1)} in {s['seconds']} s "
+                  f"({s['from_cache']} from the cache): {s['ok']} ok, {s['with_errors']} with errors, "
+                  f"{s['unreadable']} unreadable")
+    _flush(console, target)

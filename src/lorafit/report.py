@@ -130,8 +130,8 @@ def ranges(nums: list[int]) -> str:
     return ",".join(out)
 
 
-def error_json(command: str, error: BaseException, message: str) -> str:
-    """What a command prints as JSON on bad input (exit 2), so that `| jq` always has a document to read."""
+def error_json(command: str, error: BaseException, message: str, kind: str | None = None) -> str:
+    """What a command prints as JSON on bad input or usage (exit 2), so that `| jq` always has a document to read."""
     path = getattr(error, "path", None)
     return json.dumps({"schema": SCHEMA, "command": command, "ok": False, "exit_code": 2,
-                       "error": {"type": type(error).__name__, "message": message, "path": path}}, indent=2)
+                       "error": {"type": kind or type(error).__name__, "message": message, "path": path}}, indent=2)

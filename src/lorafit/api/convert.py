@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
+from ..diagnose import plural, verb
 from ..errors import LorafitError
 from ..fileio.manifest import write_manifest
 from ..fileio.outputs import OutputDir
@@ -32,14 +33,15 @@ def _refusals(a: Adapter, to: str) -> list[str]:
     if any(m.has_bias for m in a.modules.values()):
         why.append(f"lora_B biases ({what} has none)")
     if a.extras:
-        why.append(f"{len(a.extras)} full tensors (modules_to_save or saved embeddings), which {what} cannot hold")
+        full = plural(len(a.extras), "full tensor")
+        why.append(f"{full} (modules_to_save or saved embeddings), which {what} cannot hold")
     odd = [m.path for m in a.modules.values() if m.kind != "linear"]
     if odd:
         why.append(f"LoRA on {len(odd)} non-linear modules (embeddings, convolutions or MoE parameters), e.g. "
                    f"{odd[0]}")
     outside = [m.path for m in a.modules.values() if m.kind == "linear" and layer_key(_strip(m.path)) is None]
     if outside and to == "mlx":
-        why.append(f"{len(outside)} modules outside the decoder layers (mlx-lm wraps modules of model.layers only), "
+        why.append(f"{plural(len(outside), 'module')} outside the decoder layers (mlx-lm wraps model.layers only), "
                    f"e.g. {outside[0]}")
     if a.unrooted_keys or a.incomplete:
         why.append("keys PEFT itself would not load (run lorafit check)")
@@ -171,7 +173,8 @@ def _gguf_plan(a: Adapter, base: str | Path | None, paths: dict[str, str] | None
         why.append(p)
         return None
     if p.unmapped:
-        why.append(f"{len(p.unmapped)} modules have no GGUF tensor in llama.cpp's name map (vision towers or "
-                   f"heads), e.g. {p.unmapped[0]}")
+        has = verb(len(p.unmapped), 'has', 'have')
+        why.append(f"{plural(len(p.unmapped), 'module')} {has} no GGUF tensor in llama.cpp's name map (vision "
+                   f"towers or heads), e.g. {p.unmapped[0]}")
         return None
     return p

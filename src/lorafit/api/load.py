@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -289,5 +290,5 @@ def verify_pretrained(adapter: Adapter | str | Path, base: str | Path | None = N
         first = (str(e).splitlines() or [""])[0][:200]
         return Report("verify", adapter={"path": str(a.path)}, findings=[Finding(
             "load-failed", f"stock PeftModel.from_pretrained raised {type(e).__name__}: {first}",
-            hint=f"lorafit check {a.path} --base {ref.spec} --class {name} names the cause")])
+            hint=shlex.join(["lorafit", "check", str(a.path), "--base", ref.spec, "--class", name]))])
     return verify(pm, a, probe=probe)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..diagnose import plural, verb
 from ..errors import LorafitError
 from ..fileio.manifest import MANIFEST_NAME, compare, read_manifest
 from ..findings import Finding
@@ -31,13 +32,17 @@ def verify_files(directory: str | Path, manifest: str | Path | None = None) -> R
         unlisted = [n for n in unlisted if n != MANIFEST_NAME]
     findings = []
     if changed:
-        findings.append(Finding("file-changed", f"{len(changed)} of {len(listed)} files differ from the manifest",
+        findings.append(Finding("file-changed", f"{len(changed)} of {plural(len(listed), 'file')} "
+                                f"{verb(len(changed), 'differs', 'differ')} from the manifest",
                                 changed))
     if missing:
-        findings.append(Finding("file-missing", f"{len(missing)} files the manifest lists are gone", missing))
+        findings.append(Finding("file-missing", f"{plural(len(missing), 'file')} the manifest lists "
+                                f"{verb(len(missing), 'is', 'are')} gone", missing))
     if unlisted:
-        findings.append(Finding("file-unlisted", f"{len(unlisted)} files the manifest does not list", unlisted))
+        findings.append(Finding("file-unlisted", f"{plural(len(unlisted), 'file')} the manifest does not list",
+                                unlisted))
     if not changed and not missing:
-        findings.append(Finding("files-verified", f"all {len(listed)} files match {path}"))
+        findings.append(Finding("files-verified", f"{'all ' if len(listed) > 1 else ''}{plural(len(listed), 'file')} "
+                                f"{verb(len(listed), 'matches', 'match')} {path}"))
     return Report("verify-files", findings=findings,
                   result={"directory": str(root), "manifest": str(path), "files": len(listed)})

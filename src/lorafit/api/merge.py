@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..diagnose import rule_coverage
+from ..diagnose import plural, rule_coverage
 from ..errors import LorafitError, OutputExistsError
 from ..fileio.checkpoint import (
     Checkpoint,
@@ -265,7 +265,7 @@ def _report_result(report: Report, plan: MergePlan, checked: Checked, out: Path,
                       for tp in plan.changes.values()]
     how = "as saved" if rewrite == "as saved" else f"after '{rewrite}'"
     report.findings.append(Finding("merged", f"wrote {out}: {len(plan.modules)} LoRA modules merged into "
-                                   f"{len(plan.changes)} tensors ({how})" +
+                                   f"{plural(len(plan.changes), 'tensor')} ({how})" +
                                    (", tied embeddings changed together as in PEFT" if plan.tied_shared else "")))
     if plan.untied:
         report.findings.append(Finding(

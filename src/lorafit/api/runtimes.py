@@ -48,12 +48,15 @@ def parse_runtimes(specs: Sequence[str]) -> list[tuple[str, str | None]]:
     return list(dict.fromkeys(out))
 
 
-def _base_view(adapter: Adapter, base: str | Path, key_mapping: Any) -> tuple[BaseView | None, list[Finding]]:
+def _base_view(adapter: Adapter, base: str | Path | None, key_mapping: Any, revision: str | None = None,
+               overrides: dict[str, Any] | None = None) -> tuple[BaseView | None, list[Finding]]:
     """How the adapter's saved paths meet the base's own class (the class its checkpoint was saved as)."""
+    from .base import resolve_base
     from .check import run_check_for_checkpoint
 
+    ref = resolve_base(adapter, base, revision)
     try:
-        checked = run_check_for_checkpoint(adapter, Path(str(base)), None, key_mapping)
+        checked = run_check_for_checkpoint(adapter, ref.path, None, key_mapping, overrides)
     except TargetRefused as e:
         return None, [e.finding]
     landing, tree = checked.alignment.as_is, checked.tree
@@ -65,14 +68,15 @@ def _base_view(adapter: Adapter, base: str | Path, key_mapping: Any) -> tuple[Ba
             kinds[src] = info.lora_kind or info.kind
     layers = [n for n in (layer_of(p) for p in tree.modules if not is_vision(p)) if n is not None]
     view = BaseView(tree.model_type, tree.class_name, unused, num_layers=max(layers) + 1 if layers else None,
-                    kinds=kinds)
+                    kinds=kinds, spec=ref.spec)
     return view, checked.target.notes
 
 
-def _transformers(adapter: Adapter, base: Any, class_name: Any, key_mapping: Any) -> Report:
+def _transformers(adapter: Adapter, base: Any, class_name: Any, key_mapping: Any, revision: str | None,
+                  overrides: Any) -> Report:
     from .check import check
 
-    return check(adapter, base, class_name, key_mapping)  # no base: the one the adapter names
+    return check(adapter, base, class_name, key_mapping, revision, overrides)  # no base: the one the adapter names
 
 
 def _verdict_row(name: str, version: str | None, findings: list[Finding], effects: bool = True) -> dict[str, Any]:
@@ -82,7 +86,8 @@ def _verdict_row(name: str, version: str | None, findings: list[Finding], effect
 
 def check_runtimes(adapter: Adapter | str | Path, runtimes: Sequence[str], base: str | Path | Any | None = None,
                    class_name: str | type | None = None, key_mapping: Sequence[str] | dict[str, str] | None = None,
-                   settings: dict[str, Any] | None = None) -> Report:
+                   settings: dict[str, Any] | None = None, revision: str | None = None,
+                   config_overrides: Sequence[str] | dict[str, Any] | None = None) -> Report:
     """Will `adapter` load, and apply as trained, on each of `runtimes` ('vllm', 'sglang@0.5.2', ...)?
 
     Args:
@@ -90,6 +95,7 @@ def check_runtimes(adapter: Adapter | str | Path, runtimes: Sequence[str], base:
         base: the base model (local dir or cached hub id); optional for serving runtimes, which then judge the
             adapter alone.
         settings: runtime settings by the runtime's own names, e.g. {'max_lora_rank': 64}.
+        revision, config_overrides: as for check (the base's snapshot, and how it is loaded).
     Returns:
         a Report (command "check") whose findings each name their runtime, and whose result["runtimes"] holds one
         verdict per runtime: "loads", "loads, not as trained" or "will not load".
@@ -102,11 +108,15 @@ def check_runtimes(adapter: Adapter | str | Path, runtimes: Sequence[str], base:
     rows, findings = [], []
     view: BaseView | None = None
     notes: list[Finding] = []
-    if base is not None and any(n != DEFAULT_RUNTIME for n, _ in wanted):
-        view, notes = _base_view(a, base, key_mapping)
+    from .check import parse_config_overrides
+
+    overrides = parse_config_overrides(config_overrides)
+    # a --revision or --config names how the base is loaded: the adapter's own base, when no --base is given
+    if (base is not None or revision is not None or overrides) and any(n != DEFAULT_RUNTIME for n, _ in wanted):
+        view, notes = _base_view(a, base, key_mapping, revision, overrides or None)
     for name, version in wanted:
         if name == DEFAULT_RUNTIME:
-            report = _transformers(a, base, class_name, key_mapping)
+            report = _transformers(a, base, class_name, key_mapping, revision, overrides or None)
             mine = [f for f in report.findings if f.severity == "error"]
             for f in mine:
                 f.runtime, f.effect = DEFAULT_RUNTIME, "will-not-load" if f.code in _RAISES else "not-as-trained"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
+from ..diagnose import plural, verb
 from ..errors import LorafitError
 from ..fileio.checkpoint import _CHUNK, FLOAT_CODES, TORCH_NAMES, Checkpoint, torch_dtype
 from ..findings import Finding
@@ -324,11 +325,14 @@ def _findings(rows: list[_Row], changed: list[str], missing: list[str], untied: 
                                 [r.name for r in sorted(bad, key=lambda r: not r.unchanged)]))
     findings += _config_findings(model_dir, merged_dir, merged_dtypes, untied)
     if changed:
-        findings.append(Finding("merge-extra-change", f"{len(changed)} tensors the adapter does not touch differ "
-                                "from the base", changed))
+        differ = verb(len(changed), 'differs', 'differ')
+        what = plural(len(changed), "tensor")
+        findings.append(Finding("merge-extra-change", f"{what} the adapter does not touch {differ} from the base",
+                                changed))
     if missing:
-        findings.append(Finding("merge-missing-tensor", f"{len(missing)} base tensors are missing from the merged "
-                                "checkpoint", missing))
+        are = verb(len(missing), 'is', 'are')
+        what = plural(len(missing), "base tensor")
+        findings.append(Finding("merge-missing-tensor", f"{what} {are} missing from the merged checkpoint", missing))
     return findings
 
 

@@ -33,6 +33,7 @@ class BaseView:
     class_name: str
     unused: list[str]  # adapted module paths (as saved) that name no module of the base: matched by no key
     num_layers: int | None = None  # decoder layers of the base
+    spec: str | None = None  # the base as the user named it (repeated in hints)
     kinds: dict[str, str] = field(default_factory=dict)  # adapted module path -> LoRA kind of the module it names
 
 

@@ -124,7 +124,11 @@ def unused_hint(ctx: Context) -> str | None:
     base = ctx.base
     if base is None:
         return None
-    return f"lorafit fix {ctx.adapter.path} --base BASE --class {base.class_name} -o OUT rewrites the paths"
+    import shlex
+
+    spec = ["--base", base.spec] if base.spec else []
+    return shlex.join(["lorafit", "fix", str(ctx.adapter.path), *spec, "--class", base.class_name, "-o",
+                       f"{ctx.adapter.path.name}-{base.class_name.lower()}"])
 
 
 def outside_layers(what: str, allowed: tuple[str, ...] = ("embed_tokens", "lm_head")) -> Judge:

@@ -99,9 +99,13 @@ class TransformersRuntime:
                 f.hint = hint
 
     def rules(self, adapter: Adapter, target: Target, alignment: Alignment) -> list[Finding]:
+        from ...formats.peft.targeting import wrapped_without_tensors
         from .rules import runtime_rules
 
         auto = target.tree.implied_task_type
+        landing = alignment.chosen if alignment.needs_rewrite and not alignment.ambiguous else alignment.as_is
+        if auto and wrapped_without_tensors(adapter.config, auto, target.tree, landing):
+            auto = None  # as fix writes it: that task's wrapper would wrap a head the adapter never trained
         class_hint = (f"`lorafit fix` rewrites task_type to {auto or 'null'}; or load with the class the adapter was "
                       f"trained with (--class {self.default_how(adapter)})")
         return runtime_rules(adapter, target.tree, alignment, class_hint)
