@@ -42,7 +42,19 @@ def test_task_type_needs_generation(bases: dict[str, Path], tmp_path: Path) -> N
     with pytest.raises(AttributeError, match="prepare_inputs_for_generation"):
         PeftModel.from_pretrained(load_model(bases["llama"], "AutoModel"), adapter)
     code, report = cli_json("check", adapter, "--base", bases["llama"], "--class", "AutoModel")
-    assert code == 1 and "task-type-incompatible" in codes(report, "error")
+    # the class is the cause: the paths show it (layout-mismatch), and the task_type finding is shown under it
+    assert code == 1 and codes(report, "error") == {"layout-mismatch"}
+    (task,) = [f for f in report["findings"] if f["code"] == "task-type-incompatible"]
+    assert task["caused_by"] == "layout-mismatch"
+    # paths that land as saved, with a task_type the class cannot serve: the task_type is the cause
+    alone = tmp_path / "alone"
+    make_adapter(bases["llama"], "AutoModel", alone)
+    config = json.loads((alone / "adapter_config.json").read_text())
+    (alone / "adapter_config.json").write_text(json.dumps(config | {"task_type": "CAUSAL_LM"}))
+    with pytest.raises(AttributeError, match="prepare_inputs_for_generation"):
+        PeftModel.from_pretrained(load_model(bases["llama"], "AutoModel"), alone)
+    code, report = cli_json("check", alone, "--base", bases["llama"], "--class", "AutoModel")
+    assert code == 1 and codes(report, "error") == {"task-type-incompatible"}
 
 
 def test_task_head_without_trained_copy_raises_keyerror_in_peft(bases: dict[str, Path], tmp_path: Path) -> None:

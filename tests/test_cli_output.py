@@ -181,3 +181,18 @@ def test_a_usage_error_with_json_prints_json_too() -> None:
         assert code == 2 and err.startswith("lorafit: error: ") and len(err.strip().splitlines()) == 1
         doc = json.loads(out)
         assert doc["ok"] is False and doc["error"]["type"] == "UsageError" and doc["command"] == args[0]
+
+
+def test_keys_without_the_prefix_are_the_one_root_cause(bases: dict[str, Path], tmp_path: Path) -> None:
+    """Keys saved without base_model.model. (one cause): the drops that follow are linked to it, not errors of
+    their own."""
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(bases["llama"], CAUSAL, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    save_file({k.removeprefix("base_model.model."): v for k, v in load_file(weights).items()}, str(weights))
+    code, report = cli_json("check", tmp_path / "a", "--class", CAUSAL)
+    assert code == 1
+    errors = [f["code"] for f in report["findings"] if f["severity"] == "error"]
+    assert errors == ["unprefixed-keys"]
+    assert {f["caused_by"] for f in report["findings"] if f["code"] != "unprefixed-keys"} == {"unprefixed-keys"}

@@ -119,3 +119,19 @@ def test_runtime_checks_take_revision_and_config_too(hub: dict[str, Any]) -> Non
     code, report = cli_json("check", hub["adapter"], "--runtime", "vllm", "--base", REPO, "--revision", "v2",
                             "--class", "AutoModel")
     assert code == 2  # without the cache in the environment, the hub id is not here
+
+
+def test_hints_repeat_how_the_base_was_named(hub: dict[str, Any]) -> None:
+    code, out, _ = cli("check", hub["adapter"], "--class", "AutoModelForCausalLM", "--revision", "v2", "--config",
+                       "use_cache=false", "--json", env=hub["env"])
+    hint = next(f["hint"] for f in json.loads(out)["findings"] if f["code"] == "layout-mismatch")
+    assert hint == (f"lorafit fix {hub['adapter']} --base {REPO} --revision v2 --config use_cache=false "
+                    "--class AutoModelForCausalLM -o adapter-automodelforcausallm")
+
+
+def test_verify_merge_and_verify_merge_say_which_base(hub: dict[str, Any], tmp_path: Path) -> None:
+    for args in (["verify", hub["adapter"]], ["merge", hub["adapter"], "-o", tmp_path / "m"],
+                 ["verify-merge", tmp_path / "m", "--adapter", hub["adapter"]]):
+        code, out, err = cli(*args, "--revision", "v2", "--class", "AutoModel", "--json", env=hub["env"])
+        target = json.loads(out)["target"]
+        assert (target["base"], target["base_from"], target["snapshot"]) == (REPO, "adapter_config.json", "b" * 40)

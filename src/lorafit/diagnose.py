@@ -287,11 +287,14 @@ def layout_findings(adapter: Adapter, tree: ModuleTree, al: Alignment, fix_cmd: 
                            f"'{chosen.rewrite.describe()}', {chosen.score} of {al.total} land",
                            [f"{p} -> {chosen.pairs[p]}" for p in chosen.pairs], hint=hint))
     consequences = rule_coverage(adapter, tree, as_is, hint) + format_rules(as_is, hint)
-    if out and out[-1].code == "layout-mismatch":
-        for f in consequences:  # what the stock loader does follows from the layout: one root cause, one error
-            f.caused_by = "layout-mismatch"
-            if f.severity == "error":
-                f.severity = "warning"
+    # What the stock loader does then follows from the layout, or (a rewrite that only adds the key root) from
+    # keys saved without base_model.model.: one root cause, one error, its consequences shown under it.
+    root = "layout-mismatch" if out and out[-1].code == "layout-mismatch" else \
+        "unprefixed-keys" if fixable and chosen.rewrite.is_identity and adapter.unrooted_keys else None
+    for f in consequences if root else []:
+        f.caused_by = root
+        if f.severity == "error":
+            f.severity = "warning"
     out += consequences
     if chosen.rewrite.regexes and not fixable:
         # The user chose the mapping: say what it fails to land, even when it lands less than the keys as saved.

@@ -188,8 +188,8 @@ def alignment_summary(al: Alignment) -> dict[str, Any]:
 def _fix_command(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]]) -> str:
     """The exact `lorafit fix` command line that lands `a` on `target`."""
     # the output is suggested in the current directory: never beside an adapter that lies in the HF cache
-    cmd = ["lorafit", "fix", str(a.path), "--base", target.base or "MODEL", "--class", target.how,
-           "-o", f"{a.path.name}-{target.how.lower()}"]
+    cmd = ["lorafit", "fix", str(a.path), "--base", target.base or "MODEL", *target.hint_args, "--class",
+           target.how, "-o", f"{a.path.name}-{target.how.lower()}"]
     for p, r in key_mapping:
         cmd += ["--key-mapping", f"{p}={r}"]
     return shlex.join(cmd)
@@ -218,11 +218,24 @@ def _run_check(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]
     findings += layout_findings(a, tree, al, lambda: _fix_command(a, target, key_mapping), runtime.trained_as(a),
                                 lambda landing, hint: fmt.landing_rules(a, tree, landing, hint))
     runtime.refine(findings, a, al)
-    findings += runtime.rules(a, target, al) + target.notes
+    findings += _linked(findings, runtime.rules(a, target, al)) + target.notes
     report = Report("check", adapter=adapter_summary(a, health),
                     target=tree.summary() | {"requested_class": target.how}, alignment=alignment_summary(al),
                     findings=findings, modules=module_rows(a, health))
     return Checked(report, a, target, al, runtime)
+
+
+# Loading with another class than the adapter was trained on is one cause: when its paths show it (layout-mismatch),
+# the task_type findings that the same choice of class brings are shown under it.
+_SAME_CAUSE = {"task-type-incompatible", "task-type-mismatch"}
+
+
+def _linked(findings: list[Finding], runtime_findings: list[Finding]) -> list[Finding]:
+    if any(f.code == "layout-mismatch" and not f.caused_by for f in findings):
+        for f in runtime_findings:
+            if f.code in _SAME_CAUSE:
+                f.caused_by, f.severity = "layout-mismatch", "warning"
+    return runtime_findings
 
 
 def check(adapter: Adapter | str | Path, base: str | Path | Any = None, class_name: str | type | None = None,
@@ -262,7 +275,11 @@ def run_check_on(adapter: Adapter | str | Path, base: str | Path | Any, class_na
     if is_live(base):
         return run_check_for(a, base, class_name, key_mapping)
     ref = resolve_base(a, base, revision, needs)
-    checked = run_check_for(a, ref.path, class_name, key_mapping, label=ref.spec, config_overrides=config_overrides)
+    overrides = parse_config_overrides(config_overrides)
+    hint_args = (["--revision", revision] if revision else []) + [
+        a for k, v in overrides.items() for a in ("--config", f"{k}={v if isinstance(v, str) else json.dumps(v)}")]
+    checked = run_check_for(a, ref.path, class_name, key_mapping, label=ref.spec, config_overrides=overrides,
+                            hint_args=hint_args)
     if checked.report.target is not None:
         checked.report.target |= ref.summary()
     return checked
@@ -302,7 +319,8 @@ def class_name_of(class_name: str | type | None) -> str | None:
 
 def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_name: str | type | None = None,
                   key_mapping: Sequence[str] | dict[str, str] | None = None, label: str | None = None,
-                  config_overrides: Sequence[str] | dict[str, Any] | None = None) -> Checked:
+                  config_overrides: Sequence[str] | dict[str, Any] | None = None,
+                  hint_args: Sequence[str] = ()) -> Checked:
     """check, keeping the intermediate objects (see Checked). `label` names the base in hints (the user's hub id
     where `base` is its snapshot directory)."""
     a = ensure_adapter(adapter)
@@ -311,6 +329,7 @@ def run_check_for(adapter: Adapter | str | Path, base: str | Path | Any, class_n
     target = runtime.target(base, class_name_of(class_name), a, parse_config_overrides(config_overrides) or None)
     if label is not None:
         target.base = label
+    target.hint_args = list(hint_args)
     return run_check(a, target, mapping, runtime=runtime)
 
 

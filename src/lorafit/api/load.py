@@ -281,14 +281,20 @@ def verify_pretrained(adapter: Adapter | str | Path, base: str | Path | None = N
     extra = {"ignore_mismatched_sizes": True} if overrides else {}
     model = cls.from_pretrained(str(model_dir), **overrides, **extra)  # type: ignore[attr-defined]
     if lorafit_load:
-        return verify(load_adapter(model, a, strict=False), a, probe=probe)
+        return _with_base(verify(load_adapter(model, a, strict=False), a, probe=probe), ref)
     from peft import PeftModel
 
     try:
         pm = PeftModel.from_pretrained(model, str(a.path))
     except Exception as e:  # stock PEFT's own failure is the finding here, not a crash
         first = (str(e).splitlines() or [""])[0][:200]
-        return Report("verify", adapter={"path": str(a.path)}, findings=[Finding(
+        return _with_base(Report("verify", adapter={"path": str(a.path)}, target={}, findings=[Finding(
             "load-failed", f"stock PeftModel.from_pretrained raised {type(e).__name__}: {first}",
-            hint=shlex.join(["lorafit", "check", str(a.path), "--base", ref.spec, "--class", name]))])
-    return verify(pm, a, probe=probe)
+            hint=shlex.join(["lorafit", "check", str(a.path), "--base", ref.spec, "--class", name]))]), ref)
+    return _with_base(verify(pm, a, probe=probe), ref)
+
+
+def _with_base(report: Report, ref: Any) -> Report:
+    """The report's target says which base was loaded and where its name came from (as check's does)."""
+    report.target = (report.target or {}) | ref.summary()
+    return report

@@ -181,7 +181,8 @@ def merge(adapter: Adapter | str | Path, base: str | Path | None, out: str | Pat
         raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
     adapter = ensure_adapter(adapter)
     overrides = parse_config_overrides(config_overrides)
-    model_dir = resolve_base(adapter, base, revision, needs="weights").path
+    ref = resolve_base(adapter, base, revision, needs="weights")
+    model_dir = ref.path
     t0 = time.perf_counter()
     with Checkpoint.open(model_dir, follow_symlinks=follow_symlinks) as ckpt:
         try:
@@ -190,7 +191,7 @@ def merge(adapter: Adapter | str | Path, base: str | Path | None, out: str | Pat
             return adapter_only_report("merge", adapter, e.finding, out)
         for f in (checked.adapter.path / "adapter_config.json", checked.adapter.weights_path):
             confined(f, checked.adapter.path, follow_symlinks)
-        report = Report("merge", adapter=checked.report.adapter, target=checked.report.target,
+        report = Report("merge", adapter=checked.report.adapter, target=(checked.report.target or {}) | ref.summary(),
                         alignment=alignment_summary(checked.alignment), findings=merge_findings(checked))
         if not report.ok and not force:
             report.result = {"written": False, "out": str(out)}

@@ -288,7 +288,7 @@ def verify_merge(merged: str | Path, base: str | Path | None, adapter: Adapter |
     dtypes = {TORCH_NAMES[t.dtype] for t in mck.tensors.values() if t.dtype in FLOAT_CODES}
     findings = _findings(rows, changed, missing, plan.untied, merged_dir, a, ref.spec, model_dir, dtypes)
     bad = sum(not r.ok for r in rows)
-    return Report("verify-merge", adapter=checked.report.adapter, target=checked.report.target,
+    return Report("verify-merge", adapter=checked.report.adapter, target=(checked.report.target or {}) | ref.summary(),
                   alignment=alignment_summary(checked.alignment), findings=findings,
                   modules=[r.to_json() for r in rows],
                   result={"merged": str(merged_dir), "tensors": len(plan.order), "adapted": len(rows),

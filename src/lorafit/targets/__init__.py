@@ -45,6 +45,7 @@ class Target:
     model: Callable[[], Any] | None = None  # the loaded model on demand (meta is fine), for load-time conversions
     key: str | None = None  # what identifies the base as loaded (config, class, versions), for caches; None if live
     path: Path | None = None  # the base's directory on disk (None for a live model): an input, never written
+    hint_args: list[str] = field(default_factory=list)  # how the user named the load (--revision, --config): hints
 
 
 class Runtime(Protocol):
