@@ -61,6 +61,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py
 	$(PY) bench/bench_families.py
+	$(PY) bench/bench_scan.py
 
 # Regenerate src/lorafit/blueprints/ for the pinned transformers (a few minutes); commit the result.
 blueprints: $(STAMP)

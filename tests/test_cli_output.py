@@ -196,3 +196,9 @@ def test_keys_without_the_prefix_are_the_one_root_cause(bases: dict[str, Path], 
     errors = [f["code"] for f in report["findings"] if f["severity"] == "error"]
     assert errors == ["unprefixed-keys"]
     assert {f["caused_by"] for f in report["findings"] if f["code"] != "unprefixed-keys"} == {"unprefixed-keys"}
+
+
+def test_global_flags_anywhere(automodel: Path, bases: dict[str, Path]) -> None:
+    before = _check(automodel, bases, "-q").out
+    after = cli("check", automodel, "--base", bases["llama"], "--class", CAUSAL, "-q", env={"COLUMNS": "80"}).out
+    assert before == after and not after.startswith("adapter ")

@@ -71,11 +71,16 @@ class OneLineUsage(UsageError):
             sys.stdout.write(error_json(name, self, message, kind="UsageError") + "\n")
 
 
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet", "--no-color")
+
+
 class LorafitGroup(TyperGroup):
     """Typer's group, with every usage error (a missing argument, an unknown option or command) as one line."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: Context | None = None,
                      **extra: Any) -> Context:
+        if parent is None:  # -v/-q/--no-color are global; accept them anywhere on the line (lorafit check X -q)
+            args = [a for a in args if a in GLOBAL_FLAGS] + [a for a in args if a not in GLOBAL_FLAGS]
         self.argv = list(args)  # the whole command line: a usage error in a subcommand reads --json from it
         try:
             return super().make_context(info_name, args, parent, **extra)
