@@ -121,7 +121,8 @@ def test_sarif(automodel: Path, bases: dict[str, Path]) -> None:
 
 
 def test_every_command_takes_every_format() -> None:
-    for command in ("inspect", "check", "fix", "verify", "merge", "convert", "verify-merge"):
+    for command in ("inspect", "check", "fix", "verify", "merge", "convert", "verify-merge", "scan", "verify-files",
+                    "demo"):
         _, out, _ = cli(command, "--help")
         assert "--format" in out and "sarif" in out and "--json" in out, command
 

@@ -201,13 +201,20 @@ def verify(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = No
 
 
 @app.command()
-def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files in this directory.")] = None) -> None:
+def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files in this directory.")] = None,
+         as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Train a tiny Llama adapter, break it the usual way, diagnose it and fix it. No download, < 1 min."""
     quiet_libraries()
     _quiet_transformers()
     from .demo import run_demo
 
-    raise typer.Exit(run_demo(keep, started=STARTED))
+    out = output_format(fmt, as_json)
+    code, diagnosis = run_demo(keep, started=STARTED, quiet=out != "table")
+    if out != "table":  # the story's diagnosis (step 3) in that format; the exit code is still the story's
+        from .cli_output import print_report
+
+        print_report(diagnosis, out)
+    raise typer.Exit(code)
 
 
 @app.command(epilog=_TREE_ENV)

@@ -121,6 +121,12 @@ def quiet_libraries() -> None:
 
 def emit(report: Any, fmt: str, show_modules: bool = False) -> None:
     """Print `report` in `fmt` and exit with its code."""
+    print_report(report, fmt, show_modules)
+    raise typer.Exit(report.exit_code)
+
+
+def print_report(report: Any, fmt: str, show_modules: bool = False) -> None:
+    """Print `report` in `fmt`."""
     if fmt == "json":
         sys.stdout.write(report.dumps() + "\n")
     elif fmt in ("github", "sarif"):
@@ -131,7 +137,6 @@ def emit(report: Any, fmt: str, show_modules: bool = False) -> None:
         from .render import render
 
         render(report, show_modules=show_modules, verbosity=SETTINGS.verbosity, color=SETTINGS.color)
-    raise typer.Exit(report.exit_code)
 
 
 def _bad_input(e: BaseException, message: str, fmt: str, command: str) -> None:

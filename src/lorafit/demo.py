@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tempfile
@@ -69,9 +70,12 @@ def _hidden(model: Any) -> Any:
         return model(input_ids=torch.tensor([PROMPT])).last_hidden_state
 
 
-def run_demo(keep: Path | None = None, started: float | None = None) -> int:
-    """Run the story; returns 0 when every step behaved as shown, 1 otherwise. `started` (time.time() when the
-    command started) lets the last line say the whole time, imports and model building included."""
+def run_demo(keep: Path | None = None, started: float | None = None, quiet: bool = False) -> tuple[int, Any]:
+    """Run the story. Returns (0 when every step behaved as shown, else 1; step 3's diagnosis Report).
+
+    `started` (time.time() when the command started) lets the last line say the whole time, imports and model
+    building included; `quiet` tells nothing, for a caller that prints the diagnosis in a machine format.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModel
@@ -79,7 +83,8 @@ def run_demo(keep: Path | None = None, started: float | None = None) -> int:
     from .api.fix import fix
     from .render import render
 
-    console = Console(soft_wrap=True)  # a line wrapped by rich ends in a space; the terminal wraps it instead
+    # a line wrapped by rich ends in a space; the terminal wraps it instead
+    console = Console(soft_wrap=True, file=io.StringIO() if quiet else None)
     t0 = time.time()
     work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="lorafit-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -119,7 +124,8 @@ def run_demo(keep: Path | None = None, started: float | None = None) -> int:
         console.print(Rule(f"3. $ lorafit check {adapter_dir.name} --base {base_dir.name} --class AutoModel"))
         from .api.check import check
 
-        render(check(adapter_dir, base_dir, "AutoModel"), console)
+        diagnosis = check(adapter_dir, base_dir, "AutoModel")
+        render(diagnosis, console)
         console.print(Rule(f"$ lorafit fix {adapter_dir.name} --base {base_dir.name} --class AutoModel "
                            f"-o {fixed_dir.name}"))
         report = fix(adapter_dir, base_dir, fixed_dir, class_name="AutoModel", force=True)
@@ -138,4 +144,4 @@ def run_demo(keep: Path | None = None, started: float | None = None) -> int:
     verdict = "[green]demo OK[/]" if ok else "[red]demo FAILED[/]"
     whole = f", {time.time() - started:.1f}s with start-up and imports" if started is not None else ""
     console.print(f"{verdict} in {time.time() - t0:.1f}s{whole}" + (f"; files in {work}" if keep else ""))
-    return 0 if ok else 1
+    return (0 if ok else 1), diagnosis
