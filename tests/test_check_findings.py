@@ -164,3 +164,17 @@ def test_concrete_class_name(bases: dict[str, Path], tmp_path: Path) -> None:
     assert "layout-mismatch" in codes(report, "error")
     code, _, err = cli("check", adapter, "--base", bases["llama"], "--class", "LlamaModell")
     assert code == 2 and "LlamaModel" in err  # the suggestion
+
+
+def test_the_task_type_hint_says_what_fix_writes(bases: dict[str, Path], tmp_path: Path) -> None:
+    """On a classification class whose head the adapter never trained, fix writes task_type null, and check says so
+    beforehand; fix then lists the change."""
+    adapter = tmp_path / "causal"
+    make_adapter(bases["llama"], "AutoModelForCausalLM", adapter, task_type="CAUSAL_LM")
+    seq = "AutoModelForSequenceClassification"
+    code, report = cli_json("check", adapter, "--base", bases["llama"], "--class", seq)
+    hints = [f["hint"] for f in report["findings"] if f["code"].startswith("task-type")]
+    assert hints and all(h.startswith("`lorafit fix` rewrites task_type to null") for h in hints), hints
+    code, fixed = cli_json("fix", adapter, "--base", bases["llama"], "--class", seq, "-o", tmp_path / "f")
+    assert fixed["result"]["config_changes"]["task_type"] == {"from": "CAUSAL_LM", "to": None}
+    assert json.loads((tmp_path / "f" / "adapter_config.json").read_text())["task_type"] is None

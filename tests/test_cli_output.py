@@ -197,6 +197,9 @@ def test_keys_without_the_prefix_are_the_one_root_cause(bases: dict[str, Path], 
     errors = [f["code"] for f in report["findings"] if f["severity"] == "error"]
     assert errors == ["unprefixed-keys"]
     assert {f["caused_by"] for f in report["findings"] if f["code"] != "unprefixed-keys"} == {"unprefixed-keys"}
+    hint = next(f["hint"] for f in report["findings"] if f["code"] == "unprefixed-keys")
+    assert hint == (f"lorafit fix {tmp_path / 'a'} --base {bases['llama']} --class {CAUSAL} -o a-"
+                    f"{CAUSAL.lower()}")  # the user's base and class
 
 
 def test_global_flags_anywhere(automodel: Path, bases: dict[str, Path]) -> None:

@@ -219,6 +219,9 @@ def _run_check(a: Adapter, target: Target, key_mapping: Sequence[tuple[str, str]
                                 lambda landing, hint: fmt.landing_rules(a, tree, landing, hint))
     runtime.refine(findings, a, al)
     findings += _linked(findings, runtime.rules(a, target, al)) + target.notes
+    for f in findings:
+        if f.code == "unprefixed-keys" and target.base is not None:  # with a target: the user's own command
+            f.hint = _fix_command(a, target, key_mapping)
     report = Report("check", adapter=adapter_summary(a, health),
                     target=tree.summary() | {"requested_class": target.how}, alignment=alignment_summary(al),
                     findings=findings, modules=module_rows(a, health))
