@@ -74,8 +74,9 @@ def wrong_scale(applied: ScaleRule, ignores: str) -> Judge:
         if not off:
             return None
         p = off[0]
-        causes = [c for c, on in (("use_rslora", ctx.traits.rslora), ("rank_pattern", bool(ctx.traits.rank_pattern)),
-                                  ("alpha_pattern", bool(ctx.traits.alpha_pattern))) if on]
+        present = {"use_rslora": ctx.traits.rslora, "rank_pattern": bool(ctx.traits.rank_pattern),
+                   "alpha_pattern": bool(ctx.traits.alpha_pattern)}
+        causes = [c for c, on in present.items() if on and c in ignores]  # what this runtime does not read
         return (f"applies scale {applied(ctx, p):.6g} where PEFT applies {_trained(ctx)[p][0]:.6g} on "
                 f"{plural(len(off), 'module')}: it ignores {' and '.join(causes) or ignores}, so the adapter acts "
                 "with the wrong strength and no error", off)

@@ -54,7 +54,7 @@ RULES = (
     Rule("runtime-target-modules", "will-not-load", f"{_LORA}mem_pool.py: LoRAMemoryPool.can_support", _target_limit),
     Rule("runtime-qkv-incomplete", "will-not-load", f"{_LORA}lora.py: LoRAAdapter.normalize_qkv_proj", _qkv),
     Rule("runtime-scale", "not-as-trained", f"{_LORA}lora.py: LoRAAdapter.__init__ (scaling = lora_alpha / r)",
-         checks.wrong_scale(checks.global_alpha_over_r, "use_rslora")),
+         checks.wrong_scale(checks.global_alpha_over_r, "use_rslora, rank_pattern and alpha_pattern")),
     Rule("runtime-keys-unused", "not-as-trained", f"{_LORA}lora.py: LoRAAdapter.initialize_weights (get_layer_id)",
          checks.outside_layers("are dropped with no log: SGLang keeps only weights whose name has layers.N.")),
     Rule("runtime-vision-misplaced", "not-as-trained", f"{_LORA}lora.py: LoRAAdapter.initialize_weights",
