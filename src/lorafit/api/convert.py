@@ -17,11 +17,11 @@ from ..fileio.outputs import OutputDir
 from ..findings import Finding
 from ..formats import ensure_adapter
 from ..formats.mlx import layer_key
+from ..formats.peft.reader import strip_root
 from ..report import Report
 from .check import adapter_summary
 
 TARGETS = ("mlx", "gguf", "peft")
-PEFT_ROOT = "base_model.model."
 
 
 def _refusals(a: Adapter, to: str) -> list[str]:
@@ -39,7 +39,7 @@ def _refusals(a: Adapter, to: str) -> list[str]:
     if odd:
         why.append(f"LoRA on {len(odd)} non-linear modules (embeddings, convolutions or MoE parameters), e.g. "
                    f"{odd[0]}")
-    outside = [m.path for m in a.modules.values() if m.kind == "linear" and layer_key(_strip(m.path)) is None]
+    outside = [m.path for m in a.modules.values() if m.kind == "linear" and layer_key(strip_root(m.path)) is None]
     if outside and to == "mlx":
         why.append(f"{plural(len(outside), 'module')} outside the decoder layers (mlx-lm wraps model.layers only), "
                    f"e.g. {outside[0]}")
@@ -48,16 +48,18 @@ def _refusals(a: Adapter, to: str) -> list[str]:
     return why
 
 
-def _strip(path: str) -> str:
-    return path.removeprefix(PEFT_ROOT)
-
-
-def _num_layers(base: str | Path | None) -> int | None:
-    if base is None:
-        return None
+def _model_dir(base: str | Path) -> Any:
+    """The base's directory and config.json (targets.transformers.resolve.ModelDir), read once for convert."""
     from ..targets.transformers.resolve import open_model_dir
 
-    config = open_model_dir(base).config
+    return open_model_dir(base)
+
+
+def _num_layers(md: Any) -> int | None:
+    """The base's decoder layer count (mlx-lm counts num_layers from the top), when a base was given."""
+    if md is None:
+        return None
+    config = md.config
     text = config.get("text_config")
     n = (text if isinstance(text, dict) else config).get("num_hidden_layers")
     return n if isinstance(n, int) else None
@@ -94,20 +96,21 @@ def convert(adapter: Adapter | str | Path, to: str, out: str | Path, base: str |
     if to == "mlx" and partial and base is None:
         why.append("layers_to_transform is set, so the base's layer count is needed (mlx-lm counts num_layers from "
                    "the top layer): pass --base")
-    paths = _landing(a, base, why) if base is not None and to != "peft" and not why else None
+    md = _model_dir(base) if base is not None and to != "peft" and not why else None  # config.json read once
+    paths = _landing(a, md, why) if md is not None else None
     if to == "mlx" and not why:
         _mlx_layers(a, paths, why)
-    gguf_plan = _gguf_plan(a, base, paths, why) if to == "gguf" and not why else None
+    gguf_plan = _gguf_plan(a, md, paths, why) if to == "gguf" and not why else None
     if why:
         report.findings.append(Finding("convert-refused", f"cannot convert to {to} exactly: {'; '.join(why)}"))
         return report
-    done = _write(a, to, out, force, base, paths, gguf_plan)
+    done = _write(a, to, out, force, md, paths, gguf_plan)
     report.findings.append(Finding("converted", f"wrote {out} ({to})"))
     report.result |= {"written": True, **done}
     return report
 
 
-def _write(a: Adapter, to: str, out: Path, force: bool, base: str | Path | None, paths: dict[str, str] | None,
+def _write(a: Adapter, to: str, out: Path, force: bool, md: Any, paths: dict[str, str] | None,
            gguf_plan: Any) -> dict[str, Any]:
     """Write atomically, reading the output back as its own format before it is put in place."""
     from ..fileio.outputs import OutputFile
@@ -124,7 +127,7 @@ def _write(a: Adapter, to: str, out: Path, force: bool, base: str | Path | None,
         return done
     with OutputDir(out, force=force, protect=[a.path]) as tmp:
         if to == "mlx":
-            done = mlx_writer.to_mlx(a, tmp, _num_layers(base), paths)
+            done = mlx_writer.to_mlx(a, tmp, _num_layers(md), paths)
             _same_count(len(mlx_reader.read_adapter(tmp).modules), len(a.modules) + done["zero_cells"], tmp)
         else:
             done = mlx_writer.to_peft(a, tmp)
@@ -138,13 +141,12 @@ def _same_count(found: int, expected: int, where: Path) -> None:
         raise LorafitError(f"the written adapter holds {found} LoRA modules, expected {expected}", where)
 
 
-def _landing(a: Adapter, base: str | Path, why: list[str]) -> dict[str, str] | None:
+def _landing(a: Adapter, md: Any, why: list[str]) -> dict[str, str] | None:
     """Adapter module path -> module path in the base's own class (the class a runtime loads), as check lands it;
     appends to `why` when it does not land completely."""
-    from ..targets.transformers.resolve import open_model_dir
     from .check import run_check_for_checkpoint
 
-    checked = run_check_for_checkpoint(a, open_model_dir(base).path, None, None)
+    checked = run_check_for_checkpoint(a, md.path, None, None)
     landing = checked.alignment.chosen
     if not landing.complete or checked.alignment.ambiguous:
         errors = ", ".join(f.code for f in checked.report.errors())
@@ -155,20 +157,19 @@ def _landing(a: Adapter, base: str | Path, why: list[str]) -> dict[str, str] | N
 
 def _mlx_layers(a: Adapter, paths: dict[str, str] | None, why: list[str]) -> None:
     """mlx-lm's language models keep their decoder layers under model.layers."""
-    stems = {k[0] for m in a.modules.values() if (k := layer_key((paths or {}).get(m.path) or _strip(m.path)))}
+    stems = {k[0] for m in a.modules.values() if (k := layer_key((paths or {}).get(m.path) or strip_root(m.path)))}
     if stems and stems != {"model.layers"}:
         why.append(f"the module paths lie under {', '.join(sorted(stems))}, not model.layers where mlx-lm's models "
                    "keep their layers (saved from another class?): pass --base to land them on the base's class")
 
 
-def _gguf_plan(a: Adapter, base: str | Path | None, paths: dict[str, str] | None, why: list[str]) -> Any:
+def _gguf_plan(a: Adapter, md: Any, paths: dict[str, str] | None, why: list[str]) -> Any:
     """Each landed module's GGUF tensor name; appends to `why` what stops an exact conversion."""
     from ..formats.gguf import writer
-    from ..targets.transformers.resolve import open_model_dir
 
-    if paths is None or base is None:
+    if paths is None or md is None:
         return None
-    p = writer.plan(a, paths, open_model_dir(base).config)
+    p = writer.plan(a, paths, md.config)
     if isinstance(p, str):
         why.append(p)
         return None

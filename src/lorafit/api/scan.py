@@ -81,8 +81,9 @@ def content_hash(adapter_dir: Path) -> str:
 def _cache_dir() -> Path | None:
     if os.environ.get("LORAFIT_NO_CACHE"):
         return None
-    root = os.environ.get("LORAFIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorafit"
-    return Path(root) / "scan"
+    from ..targets.transformers.tree_cache import cache_root
+
+    return cache_root() / "scan"
 
 
 def _cache_path(adapter_dir: Path, options: ScanOptions) -> Path | None:

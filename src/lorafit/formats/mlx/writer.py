@@ -17,16 +17,12 @@ from ...adapter import Adapter
 from ...errors import LorafitError
 from ...fileio.outputs import save_tensors, write_json
 from ...version import __version__
+from ..peft.reader import PEFT_PREFIX, strip_root
 from . import layer_key
 
 if TYPE_CHECKING:
     import torch
 
-PEFT_ROOT = "base_model.model."
-
-
-def _strip(path: str) -> str:
-    return path.removeprefix(PEFT_ROOT)
 
 
 def to_mlx(a: Adapter, out: Path, num_hidden_layers: int | None, paths: dict[str, str] | None = None
@@ -35,7 +31,7 @@ def to_mlx(a: Adapter, out: Path, num_hidden_layers: int | None, paths: dict[str
     class, from a landing), else `base_model.model.` is stripped. Returns how (rank, scale, num_layers, ...)."""
     import torch
 
-    mods = {(paths or {}).get(m.path) or _strip(m.path): m for m in a.modules.values()}
+    mods = {(paths or {}).get(m.path) or strip_root(m.path): m for m in a.modules.values()}
     cells = {p: layer_key(p) for p in mods}
     stems = {c[0] for c in cells.values() if c}
     if len(stems) != 1:
@@ -88,8 +84,8 @@ def to_peft(a: Adapter, out: Path) -> dict[str, Any]:
     rank, scale = int(params["rank"]), float(params["scale"])
     tensors = {}
     for m in a.modules.values():
-        tensors[f"{PEFT_ROOT}{m.path}.lora_A.weight"] = a.tensor(m.keys["A"])
-        tensors[f"{PEFT_ROOT}{m.path}.lora_B.weight"] = a.tensor(m.keys["B"])
+        tensors[f"{PEFT_PREFIX}{m.path}.lora_A.weight"] = a.tensor(m.keys["A"])
+        tensors[f"{PEFT_PREFIX}{m.path}.lora_B.weight"] = a.tensor(m.keys["B"])
     save_tensors(tensors, out / "adapter_model.safetensors", {"format": "pt"})
     cells = [c for c in map(layer_key, a.modules) if c]
     top = max(c[1] for c in cells)

@@ -32,6 +32,11 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
+
+def strip_root(path: str) -> str:
+    """A module path without PEFT's key root (`base_model.model.`): the path in the model itself."""
+    return path.removeprefix(PEFT_PREFIX)
+
 # Role of a tensor inside a LoRA module, by the key's suffix. Order matters: longest first.
 _ROLE_SUFFIXES = (
     ("lora_magnitude_vector.weight", "magnitude"),

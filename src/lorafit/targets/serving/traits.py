@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ...adapter import Adapter
+from ...formats.peft.reader import strip_root
 
 # Module names under which multimodal models keep their vision tower and projector (HF layouts).
 VISION_PARTS = ("vision_tower", "vision_model", "visual", "multi_modal_projector", "vision_embed", "image_newline")
@@ -48,16 +49,10 @@ class Traits:
     names: set[str]  # the last component of each adapted module path
     full_weights: list[str]  # keys of saved full tensors (modules_to_save copies, saved embeddings)
     modules_to_save: list[str]
-    layers_to_transform: Any
-    param_modules: list[str] = field(default_factory=list)  # LoRAs on parameters (MoE target_parameters)
 
     @property
     def global_scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
-
-
-def _strip(path: str) -> str:
-    return path.removeprefix("base_model.model.")
 
 
 def traits_of(adapter: Adapter) -> Traits:
@@ -72,8 +67,6 @@ def traits_of(adapter: Adapter) -> Traits:
         lora_bias=any(m.has_bias for m in mods) or bool(cfg.get("lora_bias")), bias=str(cfg.get("bias") or "none"),
         rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
         init=cfg.get("init_lora_weights", True), target_modules=cfg.get("target_modules"),
-        modules=[_strip(m.path) for m in mods], names={m.path.rsplit(".", 1)[-1] for m in mods},
+        modules=[strip_root(m.path) for m in mods], names={m.path.rsplit(".", 1)[-1] for m in mods},
         full_weights=[x.key for x in adapter.extras], modules_to_save=list(cfg.get("modules_to_save") or []),
-        layers_to_transform=cfg.get("layers_to_transform"),
-        param_modules=[_strip(m.path) for m in mods if m.kind == "param"],
     )

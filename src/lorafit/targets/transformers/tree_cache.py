@@ -23,9 +23,14 @@ from ...tree import ModuleInfo, ModuleTree
 _SCHEMA = "tree/4"
 
 
-def _cache_dir() -> Path:
+def cache_root() -> Path:
+    """lorafit's cache directory: LORAFIT_CACHE, else XDG_CACHE_HOME/lorafit (~/.cache/lorafit)."""
     root = os.environ.get("LORAFIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorafit"
-    return Path(root) / "trees"
+    return Path(root)
+
+
+def _cache_dir() -> Path:
+    return cache_root() / "trees"
 
 
 def _version(pkg: str) -> str:
