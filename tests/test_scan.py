@@ -99,3 +99,59 @@ def test_usage(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert_one_line_error(*cli("scan", tmp_path / "empty"), "no adapter directory")
     assert_one_line_error(*cli("scan", tmp_path / "empty", "--runtime", "tgi"), "unknown runtime 'tgi'")
+
+
+def _poison(adapter_dir: Path) -> None:
+    """One NaN in a lora_B, written in place at the same size with the old mtime back: only the bytes and the
+    change time say it is another file."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    w = adapter_dir / "adapter_model.safetensors"
+    st = w.stat()
+    tensors = load_file(str(w))
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(w), metadata={"format": "pt"})
+    assert w.stat().st_size == st.st_size
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_one_read_gives_the_health_and_the_digest(bases: dict[str, Path], tmp_path: Path) -> None:
+    import hashlib
+
+    from lorafit.formats import read_adapter
+    from lorafit.formats.health import health_and_digest, tensor_health
+
+    out = tmp_path / "a"
+    make_adapter(bases["llama"], CAUSAL, out, task_type="CAUSAL_LM", modules_to_save=["lm_head"])
+    for poisoned in (False, True):
+        if poisoned:
+            _poison(out)
+        health, digest = health_and_digest(read_adapter(out))
+        assert digest == hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()
+        alone = tensor_health(read_adapter(out))  # the two-thread reader on a fresh read
+        assert (health.non_finite, health.zero_b, health.parameters) == (
+            alone.non_finite, alone.zero_b, alone.parameters)
+        assert bool(health.non_finite) is poisoned
+
+
+def test_a_changed_adapter_or_base_is_judged_again(bases: dict[str, Path], tmp_path: Path) -> None:
+    root, env = tmp_path / "fleet", {"LORAFIT_CACHE": str(tmp_path / "cache")}
+    base = tmp_path / "llama-base"
+    shutil.copytree(bases["llama"], base)
+    for name in ("a", "b"):
+        make_adapter(base, CAUSAL, root / name, task_type="CAUSAL_LM")
+    code, out, _ = cli("scan", root, "--base", base, env=env)
+    assert code == 0 and "(0 from the cache)" in out
+    _poison(root / "a")  # the same size and mtime: the scan must not trust its cache
+    code, out, _ = cli("scan", root, "--base", base, "--json", env=env)
+    records = _records(out)
+    assert code == 1 and "non-finite" in {f["code"] for f in records[str(root / "a")]["report"]["findings"]}
+    assert records[str(root / "b")]["exit_code"] == 0
+    assert "(2 from the cache)" in cli("scan", root, "--base", base, env=env).out
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"num_hidden_layers": config["num_hidden_layers"] + 1}))
+    code, out, _ = cli("scan", root, "--base", base, env=env)
+    assert "(0 from the cache)" in out  # the base changed: every verdict is judged again

@@ -104,6 +104,8 @@ class Adapter:
     # The format's tensor reader: key -> the tensors that one read yields (one, or the whole file).
     load: Callable[[str], Mapping[str, torch.Tensor]] | None = field(default=None, repr=False)
     _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # What is computed from all of the data, once per read adapter (formats/health.py: its tensor health).
+    memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def tensor(self, key: str) -> torch.Tensor:
         """Read one tensor's data (cached). Raises AdapterFormatError if the file cannot be read."""

@@ -130,7 +130,8 @@ class Alignment:
     as_is: Landing
     chosen: Landing
     ambiguous: list[Landing] = field(default_factory=list)  # other rewrites as good as chosen
-    rejected: list[tuple[Rewrite, int, str]] = field(default_factory=list)  # (rewrite, score, reason)
+    # (rewrite, score, reason); none are ranked when every entry lands as saved
+    rejected: list[tuple[Rewrite, int, str]] = field(default_factory=list)
     total: int = 0  # entries to land
 
     @property
@@ -297,6 +298,10 @@ def align(entries: Sequence[Entry], tree: ModuleTree, targeted: Targeting | None
     if key_mapping:
         chosen = apply_rewrite(entries, tree, Rewrite(regexes=tuple(key_mapping)), targeted)
         return Alignment(as_is=as_is, chosen=chosen, total=len(entries))
+    if as_is.score == len(entries):
+        # Every entry lands as saved (one to one, shapes agreeing): no rewrite can land more, and as_is wins a tie.
+        # The usual case, and the most common one in a fleet scan: skip ranking the candidates.
+        return Alignment(as_is=as_is, chosen=as_is, total=len(entries))
     al = _best_rewrite(entries, tree, targeted, as_is)
     # A refactor may move several sub-trees at once (a VLM's language model and its vision tower), each
     # under its own prefix: search again among the entries no rule so far applies to, and keep a further

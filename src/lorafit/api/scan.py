@@ -68,13 +68,32 @@ class ScanOptions:
                           sort_keys=True)
 
 
-def content_hash(adapter_dir: Path) -> str:
-    """SHA-256 over the adapter's files (names and bytes): a result is reused only for the same content."""
+def _files(adapter_dir: Path) -> list[Path]:
+    """The files an adapter's content is: every regular file in its directory (symlinks to one, as in an HF cache
+    snapshot, included)."""
+    return [p for p in sorted(adapter_dir.iterdir()) if p.is_file()]
+
+
+def content_hash(adapter_dir: Path, digests: dict[str, str] | None = None) -> str:
+    """SHA-256 over the adapter's files (names and each file's SHA-256): a result is reused only for the same
+    content. `digests` holds file digests already computed (by name), which are not read again."""
     h = hashlib.sha256()
-    for p in sorted(adapter_dir.iterdir()):
-        if p.is_file() and not p.is_symlink():
+    for p in _files(adapter_dir):
+        digest = (digests or {}).get(p.name)
+        if digest is None:
             with open(p, "rb") as f:
-                h.update(p.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())  # C loop: 2x faster
+                digest = hashlib.file_digest(f, "sha256").hexdigest()  # C loop: 2x faster than Python reads
+        h.update(p.name.encode() + b"\0" + bytes.fromhex(digest))
+    return h.hexdigest()
+
+
+def _stat_key(adapter_dir: Path) -> str:
+    """The adapter directory's path and its files' names, sizes, inodes and change times: what says, without
+    reading a byte, that a file is the one hashed before (git's index does the same)."""
+    h = hashlib.sha256(str(adapter_dir.resolve()).encode())
+    for p in _files(adapter_dir):
+        st = p.stat()
+        h.update(f"\0{p.name}\0{st.st_size}\0{st.st_ino}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
     return h.hexdigest()
 
 
@@ -86,24 +105,25 @@ def _cache_dir() -> Path | None:
     return cache_root() / "scan"
 
 
-def _cache_path(adapter_dir: Path, options: ScanOptions) -> Path | None:
-    where = _cache_dir()
-    if where is None:
-        return None
+def _record_name(adapter_dir: Path, content: str, options: ScanOptions) -> str:
     # the path is part of the key: a record names its adapter, and two copies of one adapter are two rows
-    key = hashlib.sha256((str(adapter_dir.resolve()) + content_hash(adapter_dir) + options.key()).encode()).hexdigest()
-    return where / f"{key}.json"
+    return hashlib.sha256((str(adapter_dir.resolve()) + content + options.key()).encode()).hexdigest() + ".json"
 
 
-def judge(adapter_dir: Path, options: ScanOptions) -> dict[str, Any]:
-    """One adapter's record: its report as `check --json` (or `inspect --json` with no base), or its error."""
+def judge(adapter_dir: Path, options: ScanOptions) -> tuple[dict[str, Any], dict[str, str]]:
+    """One adapter's record: its report as `check --json` (or `inspect --json` with no base), or its error; and
+    the digests of the files that judging read in full (by name), for the cache key."""
     from ..formats import read_adapter
+    from ..formats.health import health_and_digest
     from .check import check, inspect
     from .runtimes import check_runtimes
 
     record: dict[str, Any] = {"adapter": str(adapter_dir)}
+    digests: dict[str, str] = {}
     try:
         a = read_adapter(adapter_dir)
+        if options.read_tensors and a.weights_path.parent == adapter_dir:
+            digests[a.weights_path.name] = health_and_digest(a)[1]  # one read for the health and the key
         base = options.base or a.base_model
         if options.runtimes:
             report = check_runtimes(a, options.runtimes, base, options.class_name, None, options.settings)
@@ -114,30 +134,64 @@ def judge(adapter_dir: Path, options: ScanOptions) -> dict[str, Any]:
         record |= {"base": base, "exit_code": report.exit_code, "report": report.to_json()}
     except LorafitError as e:
         record |= {"exit_code": 2, "error": {"type": type(e).__name__, "message": str(e), "path": e.path}}
-    return record
+    return record, digests
 
 
 def _judge_cached(adapter_dir: Path, options: ScanOptions) -> tuple[dict[str, Any], bool]:
-    """(record, from the cache?)"""
+    """(record, from the cache?). The stat index maps unchanged files to their content hash without reading them;
+    a new or changed adapter is read once, for its verdict and its hash together."""
+    where = _cache_dir()
+    if where is None:
+        return judge(adapter_dir, options)[0], False
     try:
-        path = _cache_path(adapter_dir, options)
+        stat_file = where / "stat" / _stat_key(adapter_dir)
+        content = stat_file.read_text() if stat_file.is_file() else None
     except OSError:
-        path = None
-    if path is not None and path.is_file():
+        return judge(adapter_dir, options)[0], False
+    if content:
         try:
-            return json.loads(path.read_text()), True
-        except ValueError:
+            entry = json.loads((where / _record_name(adapter_dir, content, options)).read_text())
+            if entry["base"] == _base_fingerprint(entry["base_config"]):
+                return entry["record"], True
+        except (OSError, ValueError, KeyError, TypeError):
             pass
-    record = judge(adapter_dir, options)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record, default=str))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a cache that cannot be written only costs time
+    record, digests = judge(adapter_dir, options)
+    try:
+        content = content_hash(adapter_dir, digests)
+        base_config = _base_config(record)
+        entry = {"record": record, "base_config": base_config, "base": _base_fingerprint(base_config)}
+        _write_atomic(where / _record_name(adapter_dir, content, options), json.dumps(entry, default=str))
+        _write_atomic(stat_file, content)
+    except OSError:
+        pass  # a cache that cannot be written (or an adapter gone meanwhile) only costs time
     return record, False
+
+
+def _base_config(record: dict[str, Any]) -> str | None:
+    """The config.json of the base directory a record was judged on (None: judged without a base)."""
+    source = ((record.get("report") or {}).get("target") or {}).get("source")
+    return str(Path(source) / "config.json") if isinstance(source, str) and source else None
+
+
+def _base_fingerprint(base_config: str | None) -> str:
+    """What else a verdict depends on: the base's config.json bytes and the transformers and PEFT that judged it.
+    A cached verdict whose base or libraries changed since is judged again."""
+    from ..version import installed_version
+
+    h = hashlib.sha256(f"{installed_version('transformers')}\0{installed_version('peft')}\0".encode())
+    if base_config is not None:
+        try:
+            h.update(Path(base_config).read_bytes())
+        except OSError:
+            h.update(b"\0missing")
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _judge_group(dirs: list[Path], options: ScanOptions) -> list[tuple[dict[str, Any], bool]]:

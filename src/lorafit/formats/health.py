@@ -7,8 +7,10 @@ and a value is zero when every bit but the sign is zero.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from ..adapter import Adapter
 from ..diagnose import Health
@@ -32,22 +34,26 @@ class _Bits:
 
 
 def _raw_bits(adapter: Adapter, key: str, fd: int, buf: bytearray) -> _Bits | None:
-    """Judge one safetensors tensor from its raw bytes; None for dtypes this does not cover.
-
-    One read and one pass over the data (a 70B adapter is ~400 MB): the largest magnitude bit pattern
-    (sign cleared) is 0 exactly when every value is zero, and reaches the exponent mask exactly when
-    some value is Inf or NaN. Only then is NaN told from Inf, on the special values alone.
-    """
-    import numpy as np
-
+    """Judge one safetensors tensor from its raw bytes; None for dtypes this does not cover."""
     info = adapter.infos[key]
     if info.dtype not in _FLOAT_BITS or info.offset is None:
         return None
-    view, exp, mant = _FLOAT_BITS[info.dtype]
-    n = info.nbytes
+    read_into(fd, memoryview(buf)[:info.nbytes], info.offset, adapter.weights_path, AdapterFormatError)
+    return _judge_bits(buf, info.nbytes, info.dtype)
+
+
+def _judge_bits(buf: bytearray, n: int, dtype: str) -> _Bits:
+    """Judge the first `n` bytes of `buf` as floats of `dtype` (one of _FLOAT_BITS); `buf` is overwritten.
+
+    One pass over the data (a 70B adapter is ~400 MB): the largest magnitude bit pattern (sign cleared) is 0
+    exactly when every value is zero, and reaches the exponent mask exactly when some value is Inf or NaN. Only
+    then is NaN told from Inf, on the special values alone.
+    """
+    import numpy as np
+
+    view, exp, mant = _FLOAT_BITS[dtype]
     if n == 0:
         return _Bits(zero=True, nan=False, inf=False)
-    read_into(fd, memoryview(buf)[:n], info.offset, adapter.weights_path, AdapterFormatError)
     bits = np.frombuffer(buf, dtype=view, count=n // np.dtype(view).itemsize)
     kind = np.dtype(view).type
     e_mask = kind(exp)
@@ -70,17 +76,75 @@ def _torch_bits(adapter: Adapter, key: str) -> _Bits:
 
 
 def tensor_health(adapter: Adapter) -> Health:
-    """Read every adapter tensor once and record zeros and non-finite values. A NaN is a finding, not a crash."""
-    h = Health(parameters=sum(info.numel for info in adapter.infos.values()))
+    """Read every adapter tensor once and record zeros and non-finite values. A NaN is a finding, not a crash.
+
+    Computed once per read adapter (kept in adapter.memo), whichever command asks first."""
+    if "health" not in adapter.memo:
+        bits = _scan_safetensors(adapter) if adapter.weights_path.suffix == ".safetensors" else None
+        adapter.memo["health"] = _health(adapter, bits or {k: _torch_bits(adapter, k) for k in adapter.infos})
+    health: Health = adapter.memo["health"]
+    return health
+
+
+def health_and_digest(adapter: Adapter) -> tuple[Health, str]:
+    """Tensor health and the SHA-256 of the weights file, from one sequential read of it (a fleet scan keys its
+    cache on content: reading each byte once for both is most of its speed). The health is memoized as
+    tensor_health's is."""
+    bits: dict[str, _Bits] | None = None
     if adapter.weights_path.suffix == ".safetensors":
-        bits = _scan_safetensors(adapter)
-    else:
-        bits = {key: _torch_bits(adapter, key) for key in adapter.infos}
+        bits, digest = _digest_safetensors(adapter)
+    if bits is None:  # not safetensors, or a layout a sequential pass does not cover: two reads
+        with open(adapter.weights_path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return tensor_health(adapter), digest
+    adapter.memo.setdefault("health", _health(adapter, bits))
+    return adapter.memo["health"], digest
+
+
+def _health(adapter: Adapter, bits: dict[str, _Bits]) -> Health:
+    h = Health(parameters=sum(info.numel for info in adapter.infos.values()))
     for key in adapter.infos:
         if bits[key].nan or bits[key].inf:
             h.non_finite[key] = "+".join(n for n, bad in (("NaN", bits[key].nan), ("Inf", bits[key].inf)) if bad)
     h.zero_b = [m.path for m in adapter.modules.values() if bits[m.keys["B"]].zero]
     return h
+
+
+_CHUNK = 1 << 20  # bytes between tensors (the header, padding) are hashed in reads of at most this
+
+
+def _digest_safetensors(adapter: Adapter) -> tuple[dict[str, _Bits] | None, str]:
+    """Every byte of the file in order, hashed; each tensor judged from the same read. (None, "") when tensors
+    overlap or lack offsets (the header reader refuses neither for every format): then the caller reads twice."""
+    spans = sorted((info.offset, info.nbytes, key) for key, info in adapter.infos.items() if info.offset is not None)
+    if len(spans) < len(adapter.infos) or any(a[0] + a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)):
+        return None, ""
+    h = hashlib.sha256()
+    buf = bytearray(max([_CHUNK] + [n for _, n, _ in spans]))
+    out: dict[str, _Bits] = {}
+    fd = open_regular(adapter.weights_path, AdapterFormatError)
+    try:
+        pos = 0
+        for offset, n, key in spans:
+            _hash_span(fd, h, buf, pos, offset, adapter.weights_path)
+            read_into(fd, memoryview(buf)[:n], offset, adapter.weights_path, AdapterFormatError)
+            h.update(memoryview(buf)[:n])  # before judging: _judge_bits overwrites buf
+            dtype = adapter.infos[key].dtype
+            out[key] = (_judge_bits(buf, n, dtype) if dtype in _FLOAT_BITS else None) or _torch_bits(adapter, key)
+            pos = offset + n
+        _hash_span(fd, h, buf, pos, os.fstat(fd).st_size, adapter.weights_path)
+    finally:
+        os.close(fd)
+    return out, h.hexdigest()
+
+
+def _hash_span(fd: int, h: Any, buf: bytearray, start: int, end: int, path: Any) -> None:
+    """Hash bytes [start, end) of the file in chunks."""
+    while start < end:
+        n = min(end - start, _CHUNK)
+        read_into(fd, memoryview(buf)[:n], start, path, AdapterFormatError)
+        h.update(memoryview(buf)[:n])
+        start += n
 
 
 def _scan_safetensors(adapter: Adapter) -> dict[str, _Bits]:

@@ -82,9 +82,6 @@ def task_types() -> frozenset[str]:
 
 def peft_version() -> str | None:
     """The installed PEFT's version, from its metadata (no import)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from ...version import installed_version
 
-    try:
-        return version("peft")
-    except PackageNotFoundError:
-        return None
+    return installed_version("peft")

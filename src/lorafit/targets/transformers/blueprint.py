@@ -16,11 +16,11 @@ import json
 import os
 import re
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from ...tree import ModuleInfo, ModuleTree
+from ...version import installed_version
 
 SCHEMA = "lorafit.blueprints/1"
 DATA_DIR = Path(__file__).parent / "blueprints"
@@ -47,10 +47,7 @@ def data_file(transformers_version: str) -> Path:
 
 
 def installed_transformers() -> str | None:
-    try:
-        return version("transformers")
-    except PackageNotFoundError:
-        return None
+    return installed_version("transformers")
 
 
 @cache

@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from ...adapter import Adapter
 from ...tree import ModuleInfo, ModuleTree
+from ...version import installed_version
 
 _SCHEMA = "tree/4"
 
@@ -34,10 +34,7 @@ def _cache_dir() -> Path:
 
 
 def _version(pkg: str) -> str:
-    try:
-        return version(pkg)
-    except PackageNotFoundError:
-        return "none"
+    return installed_version(pkg) or "none"
 
 
 def cache_key(config_bytes: bytes, class_name: str) -> str:
@@ -96,9 +93,32 @@ def store_renames(key: str, renames: dict[str, str]) -> None:
     write_document(f"{key}.renames.json", renames)
 
 
+# Trees this process has parsed, by their file's identity: a scan checks many adapters on one base, and parsing a
+# 1B tree's JSON costs more than the rest of a check. A changed or removed file is a different key.
+_PARSED: dict[tuple[str, int, int, int], ModuleTree] = {}
+
+
 def load(key: str) -> ModuleTree | None:
     """The cached tree for `key`, or None (missing, disabled, or unreadable: then it is rebuilt)."""
-    data = read_document(f"{key}.json")
+    if os.environ.get("LORAFIT_NO_CACHE"):
+        return None
+    path = _cache_dir() / f"{key}.json"
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    identity = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if identity not in _PARSED:
+        tree = _parse(read_document(path.name))
+        if tree is None:
+            return None
+        if len(_PARSED) >= 8:
+            _PARSED.clear()
+        _PARSED[identity] = tree
+    return replace(_PARSED[identity])  # a copy: callers set its source and origin
+
+
+def _parse(data: Any) -> ModuleTree | None:
     if data is None:
         return None
     try:
