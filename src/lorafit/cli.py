@@ -318,6 +318,27 @@ def scan(paths: Annotated[list[Path] | None, typer.Argument(help="Directories to
 
 
 
+@app.command(epilog=_TREE_ENV)
+def report(path: Annotated[str, typer.Argument(help="An adapter directory (or cached hub id), or a scan's REPORT_DIR "
+                                               "(lorafit scan -o REPORT_DIR).")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write (self-contained: it needs "
+                                             "no network to view).")],
+           base: BaseOpt = None, revision: RevisionOpt = None, class_name: ClassOpt = None,
+           force: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace OUT if it exists, "
+                                               "atomically once the new page is complete.")] = False,
+           as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
+    """Draw an adapter (where each module lands, ‖scale·B·A‖ per module, rank and alpha, findings) or a scan (the
+    verdict matrix, adapters by base and by finding) as one HTML page.
+
+    Needs matplotlib: pip install 'lorafit[report]'. Exit codes: as check for an adapter (1 on an error finding);
+    0 for a scan's page once written; 2 for bad input.
+    """
+    from .api.report_page import report_html
+
+    run_command(lambda: report_html(path, out, base, class_name, revision, force), output_format(fmt, as_json),
+                "report")
+
+
 class Terminated(BaseException):
     """SIGINT, SIGTERM or SIGHUP, raised in the main thread so that outputs in progress are removed as on Ctrl-C.
 
