@@ -9,9 +9,13 @@ Then it times, as subprocesses (bench_merge.run: best of the runs, after the mac
   - `lorafit scan fleet-N --base config-1b --json` with the module tree cached and an empty scan cache (cold), and
     again with the scan cache filled (a re-run: every result comes from the cache);
   - the stock way per adapter: the base loaded once, then PeftModel.from_pretrained and a count of the loaded
-    LoRA tensors for each of a few adapters (the per-adapter time is the slope, the base load left out).
+    LoRA tensors for each of a few adapters (the per-adapter time is the slope, the base load left out);
+  - with --ray (needs `pip install 'lorafit[ray]'`), `scan --ray` on a local Ray instance at the largest size
+    against the local parallel scan, both through the API in a fresh process with the scan cache emptied: Ray's
+    own start-up (ray.init) and shutdown apart from the scan, the first scan on the new instance (its workers
+    start then) and a second one (workers warm); and the CLI's `scan --ray` end to end.
 
-    .venv/bin/python bench/bench_scan.py [--sizes 50,200] [--stock 5] [--work DIR]
+    .venv/bin/python bench/bench_scan.py [--sizes 50,200] [--stock 5] [--work DIR] [--ray]
 """
 
 from __future__ import annotations
@@ -45,6 +49,77 @@ print((time.perf_counter() - t0) / (len(sys.argv) - 2))
 """
 
 
+# One process: two local scans (a process pool, as `lorafit scan` runs), or ray.init, two Ray scans and the
+# shutdown, each timed apart. Prints the times and a hash of the records (identical runs, identical hashes).
+RAY_VS_LOCAL = """
+import hashlib, json, shutil, sys, time
+from pathlib import Path
+from lorafit.api.scan import ScanOptions, scan
+fleet, config, cache, mode = sys.argv[1:5]
+out, cluster = {}, None
+if mode == "ray":
+    import logging, ray
+    from lorafit.api.distributed import RayCluster, forwarded_env
+    t0 = time.perf_counter()
+    ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env={"env_vars": forwarded_env()})  # as `lorafit scan --ray` starts it
+    out["startup_s"] = time.perf_counter() - t0
+    cluster = RayCluster()
+out["scan_s"], hashes = [], set()
+for _ in range(2):
+    shutil.rmtree(Path(cache) / "scan", ignore_errors=True)
+    t0 = time.perf_counter()
+    result = scan([fleet], ScanOptions(base=config), cluster=cluster)
+    out["scan_s"].append(time.perf_counter() - t0)
+    assert result.cached == 0 and len(result.records) > 0
+    hashes.add(hashlib.sha256(json.dumps(result.records, sort_keys=True, default=str).encode()).hexdigest())
+out["records_sha256"] = hashes.pop() if len(hashes) == 1 else "differs between runs"
+if mode == "ray":
+    t0 = time.perf_counter()
+    ray.shutdown()
+    out["shutdown_s"] = time.perf_counter() - t0
+print(json.dumps(out))
+"""
+
+
+def bench_ray(work: Path, n: int, cache: Path, lorafit: str) -> dict[str, Any]:
+    """scan --ray on a local Ray instance vs the local parallel scan, n adapters (RAY_VS_LOCAL, then the CLI)."""
+    fleet, config = str(work / f"fleet-{n}"), str(work / "config-1b")
+    local = run([PY, "-c", RAY_VS_LOCAL, fleet, config, str(cache), "local"], f"API scan {n} adapters, local x2",
+                cache=cache)
+    on_ray = run([PY, "-c", RAY_VS_LOCAL, fleet, config, str(cache), "ray"], f"API ray.init + scan {n} on Ray x2",
+                 cache=cache)
+    here, there = json.loads(local["stdout"].splitlines()[-1]), json.loads(on_ray["stdout"].splitlines()[-1])
+    cli = run([lorafit, "scan", fleet, "--base", config, "--json", "--ray"], f"lorafit scan {n} --ray (CLI, all in)",
+              cache=cache, before=lambda: shutil.rmtree(cache / "scan", ignore_errors=True), repeat=2)
+    best_local = min(here["scan_s"])
+    row = {"adapters": n, "cpus": os.cpu_count(), "local_scan_s": round(best_local, 2),
+           "ray_startup_s": round(there["startup_s"], 2), "ray_scan_s": round(there["scan_s"][0], 2),
+           "ray_scan_warm_s": round(there["scan_s"][1], 2), "ray_shutdown_s": round(there["shutdown_s"], 2),
+           "ratio": round(there["scan_s"][0] / best_local, 2), "ratio_warm": round(there["scan_s"][1] / best_local, 2),
+           "cli_ray_wall_s": cli["wall_s"], "cli_ray_peak_rss_mb": cli["peak_rss_mb"],
+           "records_identical": here["records_sha256"] == there["records_sha256"]}
+    print(f"  ray: {row}", flush=True)
+    return row
+
+
+def ray_lines(ray: dict[str, Any], local_cli_s: float | None) -> list[str]:
+    """The markdown of the Ray measurement."""
+    cli_local = f" (local `lorafit scan`: {local_cli_s} s)" if local_cli_s is not None else ""
+    return ["", f"## scan --ray, local Ray instance ({ray['cpus']} CPUs), {ray['adapters']} adapters, "
+            f"{ray.get('date', '')}".rstrip(", "), "",
+            "| | seconds |", "|---|---|",
+            f"| local parallel scan (process pool, API) | {ray['local_scan_s']} |",
+            f"| Ray start-up (`ray.init`, apart) | {ray['ray_startup_s']} |",
+            f"| scan on Ray, first on the new instance (workers start) | {ray['ray_scan_s']} |",
+            f"| scan on Ray, second (workers warm) | {ray['ray_scan_warm_s']} |",
+            f"| Ray shutdown (apart) | {ray['ray_shutdown_s']} |",
+            f"| `lorafit scan --ray`, end to end (start, scan, stop) | {ray['cli_ray_wall_s']} |", "",
+            f"Ray scan / local scan: {ray['ratio']}x (first), {ray['ratio_warm']}x (warm workers); target <= 1.5x. "
+            f"Records identical to the local run: {'yes' if ray['records_identical'] else 'NO'}. The CLI end to end "
+            f"includes Ray's start and stop{cli_local}."]
+
+
 def setup(work: Path, sizes: list[int]) -> None:
     config = work / "config-1b"
     if not config.exists():
@@ -70,6 +145,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     ap.add_argument("--sizes", default="50,200")
     ap.add_argument("--stock", type=int, default=5, help="adapters the stock route loads (the slope is per adapter)")
+    ap.add_argument("--ray", action="store_true", help="also measure scan --ray on a local Ray instance")
     ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -105,6 +181,12 @@ def main() -> None:
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "rows": rows, "best_adapters_per_s": best}
     out = ROOT / "bench" / "results"
+    if args.ray:
+        result["ray"] = bench_ray(work, sizes[-1], cache, lorafit) | {"date": result["date"]}
+    elif (out / "scan.json").is_file():  # a run without --ray keeps the last Ray measurement, with its date
+        ray = json.loads((out / "scan.json").read_text()).get("ray")
+        if ray:
+            result["ray"] = ray
     (out / "scan.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# lorafit scan, {result['date']} ({result['machine']})", "",
              "| adapters | scan, cold (s) | adapters/s | ms per adapter | re-run, cached (s) | vs stock per adapter |"
@@ -115,6 +197,9 @@ def main() -> None:
                      f"{r['faster_than_stock']}x faster | {r['peak_rss_mb']} |")
     lines += ["", f"Stock route: base loaded once, then PeftModel.from_pretrained + count per adapter: "
               f"{rows['stock']['per_adapter_s']} s per adapter."]
+    if "ray" in result:
+        same = rows.get(f"scan-{result['ray']['adapters']}", {}).get("cold_s")
+        lines += ray_lines(result["ray"], same)
     (out / "scan.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

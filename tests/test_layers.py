@@ -16,8 +16,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorafit"
 
 CORE = {"lorafit.errors", "lorafit.findings", "lorafit.report", "lorafit.user_regex", "lorafit.tensor_info",
         "lorafit.adapter", "lorafit.tree", "lorafit.align", "lorafit.diagnose", "lorafit.version"}
-EDGES = {"lorafit.cli", "lorafit.cli_output", "lorafit.ci_formats", "lorafit.render", "lorafit.demo",
-         "lorafit.__main__", "lorafit.hook"}
+EDGES = {"lorafit.cli", "lorafit.cli_options", "lorafit.cli_output", "lorafit.ci_formats", "lorafit.render",
+         "lorafit.demo", "lorafit.__main__", "lorafit.hook"}
 # What each layer may import from lorafit (by layer name).
 ALLOWED = {
     "core": {"core"},
@@ -27,7 +27,8 @@ ALLOWED = {
     "merging": {"core", "fileio", "merging"},  # the plan is pure; running it reads and writes shards
     "api": {"core", "fileio", "formats", "targets", "merging", "api"},
     "package": {"core", "api"},  # lorafit/__init__.py: the typed public API
-    "cli": {"api", "render", "errors", "report", "version", "demo", "cli_output"},
+    "cli": {"api", "render", "errors", "report", "version", "demo", "cli_options", "cli_output"},
+    "cli_options": set(),  # typer option types only
     "cli_output": {"errors", "report", "render", "ci_formats", "api", "fileio"},  # how a command runs, prints
     "ci_formats": {"core"},  # a Report as GitHub annotations or SARIF
     "render": {"core"},

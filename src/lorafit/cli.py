@@ -14,6 +14,18 @@ from typing import Annotated, Any
 
 import typer
 
+from .cli_options import (
+    TREE_ENV,
+    AdapterArg,
+    BaseOpt,
+    ClassOpt,
+    ConfigOpt,
+    FollowOpt,
+    MapOpt,
+    RayOpt,
+    RevisionOpt,
+    RuntimeOpt,
+)
 from .cli_output import (
     SETTINGS,
     FormatOpt,
@@ -34,7 +46,6 @@ app = typer.Typer(
     help="Make sure a LoRA adapter really lands on the model it is loaded into.\n\n"
          "Exit codes: 0 clean, 1 an error finding, 2 bad input or usage. Nothing is ever downloaded.",
 )
-
 
 
 def _version(value: bool) -> None:
@@ -61,27 +72,6 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Make sure a LoRA adapter really lands on the model it is loaded into."""
     SETTINGS.verbosity = 1 if verbose else -1 if quiet else 0
     SETTINGS.color = not no_color and not os.environ.get("NO_COLOR")
-
-
-ClassOpt = Annotated[str | None, typer.Option(
-    "--class", "-c", help="The class you load the base with: an Auto class (AutoModel, AutoModelForCausalLM, "
-    "AutoModelForSequenceClassification, ...) or a concrete one (LlamaModel). Default: what task_type implies.")]
-BaseOpt = Annotated[str | None, typer.Option(
-    "--base", "-b", help="Base model: a local directory, or a hub id in the local HF cache. Default: the base the "
-    "adapter names (base_model_name_or_path); the report says which.")]
-ConfigOpt = Annotated[list[str] | None, typer.Option(
-    "--config", help="A config kwarg you load the base with, KEY=VALUE (repeatable), as from_pretrained(base, "
-    "num_labels=3): --config num_labels=3.")]
-RevisionOpt = Annotated[str | None, typer.Option(
-    "--revision", help="Branch, tag or commit of the base's hub snapshot in the HF cache (JSON: target.snapshot).")]
-MapOpt = Annotated[list[str] | None, typer.Option(
-    "--key-mapping", "-k", help="Rewrite module paths with a regex, REGEX=REPLACEMENT (repeatable, first match "
-    "wins), like PEFT's key_mapping. Overrides the automatic layout search.")]
-FollowOpt = Annotated[bool, typer.Option(
-    "--follow-symlinks", help="Also read files that are symlinks out of the adapter or base directory. By default "
-    "they are refused, since their content would be copied into OUT.")]
-AdapterArg = Annotated[str, typer.Argument(help="Adapter directory (adapter_config.json + weights), a parent "
-                                           "holding one adapter, or a hub id in the local HF cache.")]
 
 
 def _quiet_transformers() -> None:
@@ -118,18 +108,7 @@ def verify_files(directory: Annotated[Path, typer.Argument(help="The directory t
     run_command(lambda: run(directory, manifest), output_format(fmt, as_json), "verify-files")
 
 
-_TREE_ENV = ("The model's module tree comes from a cache, a shipped blueprint, or a meta-device build "
-             "(--json: target.tree_from). Environment: LORAFIT_CACHE=DIR, LORAFIT_NO_CACHE=1, "
-             "LORAFIT_NO_BLUEPRINTS=1, LORAFIT_DEBUG=1 (tracebacks).")
-
-
-RuntimeOpt = Annotated[list[str] | None, typer.Option(
-    "--runtime", "-r", help="Where the adapter will run: transformers (default), vllm, sglang, llama.cpp, ollama, "
-    "lorax, mlx; optionally @RELEASE (vllm@0.8.3). Repeatable, or comma-separated: one verdict per runtime. "
-    "Serving runtimes need no --base; with one, they also judge where the adapter's paths land in it.")]
-
-
-@app.command(epilog=_TREE_ENV)
+@app.command(epilog=TREE_ENV)
 def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = None, config: ConfigOpt = None,
           class_name: ClassOpt = None, key_mapping: MapOpt = None,
           runtime: RuntimeOpt = None,
@@ -159,7 +138,7 @@ def check(adapter: AdapterArg, base: BaseOpt = None, revision: RevisionOpt = Non
     run_command(run_runtimes, output_format(fmt, as_json), "check")
 
 
-@app.command(epilog=_TREE_ENV)
+@app.command(epilog=TREE_ENV)
 def fix(adapter: AdapterArg,
         out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the fixed adapter to.")],
         base: BaseOpt = None, revision: RevisionOpt = None, config: ConfigOpt = None, class_name: ClassOpt = None,
@@ -217,9 +196,12 @@ def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files i
     raise typer.Exit(code)
 
 
-@app.command(epilog=_TREE_ENV)
-def merge(adapter: AdapterArg,
-          out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write the merged model to.")],
+@app.command(epilog=TREE_ENV)
+def merge(adapter: Annotated[str | None, typer.Argument(
+              help="Adapter directory (adapter_config.json + weights), a parent holding one adapter, or a hub id in "
+              "the local HF cache. Not with --batch.")] = None,
+          out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory to write the merged model to.")]
+          = None,
           base: BaseOpt = None, revision: RevisionOpt = None, config: ConfigOpt = None,
           class_name: Annotated[str | None, typer.Option(
               "--class", "-c", help="The class the adapter is aligned against. Default: the class the base "
@@ -237,16 +219,41 @@ def merge(adapter: AdapterArg,
                                               "findings are kept in the report).")] = False,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists, atomically once "
                                                   "the new model is complete.")] = False,
-          follow_symlinks: FollowOpt = False, as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
+          follow_symlinks: FollowOpt = False,
+          batch: Annotated[Path | None, typer.Option(
+              "--batch", metavar="MANIFEST", help="Run every merge listed in MANIFEST (JSON lines or a JSON list of "
+              "{\"adapter\", \"out\", \"base\", \"class\", ...}; docs/distributed.md), one after another or "
+              "with --ray as Ray tasks. A row per entry; exit 1 if any failed.")] = None,
+          ray: RayOpt = None,
+          as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Merge ADAPTER into BASE and write a full model to OUT, bit-identical to PEFT's merge_and_unload().
 
     Streams the base tensor by tensor (memory: about one tensor per worker plus the adapter). Refuses, with
-    exit code 1, when check finds an error; OUT appears only when complete.
+    exit code 1, when check finds an error; OUT appears only when complete. --batch MANIFEST runs many merges,
+    here or with --ray on a Ray cluster, a row each.
     """
+    if batch is not None:
+        given = [name for name, value, default in (
+            ("ADAPTER", adapter, None), ("--out", out, None), ("--base", base, None), ("--revision", revision, None),
+            ("--config", config, None), ("--class", class_name, None), ("--key-mapping", key_mapping, None),
+            ("--dtype", dtype, None), ("--safe-merge", safe_merge, False), ("--max-shard-size", max_shard_size, "5GB"),
+            ("--workers", workers, 2), ("--force", force, False), ("--overwrite", overwrite, False),
+            ("--follow-symlinks", follow_symlinks, False)) if value != default]
+        if given:
+            usage_error(f"merge --batch takes each merge's adapter, out and options from MANIFEST, not {given[0]}")
+        from .cli_output import run_batch
+
+        run_batch(batch, ray, output_format(fmt, as_json))
+        return
+    if ray is not None:
+        usage_error("--ray runs the merges of a --batch MANIFEST; one merge runs here")
+    if adapter is None or out is None:
+        usage_error("merge needs ADAPTER and --out (or --batch MANIFEST)")
     from .api.merge import merge as run
 
     progress = not as_json and sys.stderr.isatty()
-    run_command(lambda: run(adapter, base, out, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
+    one, into = adapter, out  # narrowed, for the lambda
+    run_command(lambda: run(one, base, into, class_name=class_name, key_mapping=key_mapping, dtype=dtype,
                      safe_merge=safe_merge, max_shard_size=max_shard_size, force=force, workers=workers,
                      progress=progress, follow_symlinks=follow_symlinks, overwrite=overwrite, revision=revision,
                      config_overrides=config),
@@ -290,7 +297,7 @@ def verify_merge(merged: Annotated[str, typer.Argument(help="Directory of the me
                 output_format(fmt, as_json), "verify-merge")
 
 
-@app.command(epilog=_TREE_ENV)
+@app.command(epilog=TREE_ENV)
 def scan(paths: Annotated[list[Path] | None, typer.Argument(help="Directories to search for adapters (adapter_config"
                                                              ".json or adapters.safetensors), recursively.")] = None,
          base: Annotated[str | None, typer.Option(
@@ -302,8 +309,10 @@ def scan(paths: Annotated[list[Path] | None, typer.Argument(help="Directories to
          out: Annotated[Path | None, typer.Option(
              "--out", "-o", help="Write REPORT_DIR/scan.jsonl (one check --json record per adapter) and "
              "summary.json.")] = None,
-         workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: one per core).")]
+         workers: Annotated[int | None, typer.Option("--workers", min=1, help="Processes (default: one per core); "
+                                                     "with --ray, chunks per base (default: one per cluster CPU).")]
          = None,
+         ray: RayOpt = None,
          as_json: JsonOpt = False, fmt: FormatOpt = OutputFormat.table) -> None:
     """Vet a fleet: every adapter under PATHS, on its base and --runtime, in parallel; results cached by content.
 
@@ -314,11 +323,10 @@ def scan(paths: Annotated[list[Path] | None, typer.Argument(help="Directories to
     if not paths and not hf_cache:
         usage_error("scan needs PATHS, or --hf-cache")
     run_scan(list(paths or []), base, class_name, list(runtime or []), hf_cache, out, workers,
-             output_format(fmt, as_json))
+             output_format(fmt, as_json), ray)
 
 
-
-@app.command(epilog=_TREE_ENV)
+@app.command(epilog=TREE_ENV)
 def report(path: Annotated[str, typer.Argument(help="An adapter directory (or cached hub id), or a scan's REPORT_DIR "
                                                "(lorafit scan -o REPORT_DIR).")],
            out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write (self-contained: it needs "

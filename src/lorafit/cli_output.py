@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -81,6 +82,7 @@ class LorafitGroup(TyperGroup):
                      **extra: Any) -> Context:
         if parent is None:  # -v/-q/--no-color are global; accept them anywhere on the line (lorafit check X -q)
             args = [a for a in args if a in GLOBAL_FLAGS] + [a for a in args if a not in GLOBAL_FLAGS]
+            args = ray_address_optional(args)
         self.argv = list(args)  # the whole command line: a usage error in a subcommand reads --json from it
         try:
             return super().make_context(info_name, args, parent, **extra)
@@ -103,7 +105,34 @@ def _one_line(e: UsageError, args: list[str]) -> UsageError:
     return one
 
 
-def usage_error(message: str) -> None:
+# What `--ray ADDRESS` takes as ADDRESS: Ray's "auto" and "local", HOST:PORT, ray://HOST:PORT.
+_RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:.]+\]:\d+")
+
+
+def ray_address_optional(args: list[str]) -> list[str]:
+    """`--ray [ADDRESS]`: the word after --ray is its ADDRESS only when it looks like one, so `scan --ray PATH` and
+    `--ray --json` mean a local Ray instance (written `--ray=` for the parser, which would take any next word)."""
+    out = list(args)
+    if next((a for a in out if a not in GLOBAL_FLAGS), None) not in ("scan", "merge"):
+        return out  # the commands that take --ray; elsewhere --ray stays as typed, for click's error
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a == "--ray" and not (i + 1 < len(out) and _RAY_ADDRESS.fullmatch(out[i + 1])):
+            out[i] = "--ray="
+    return out
+
+
+def ray_cluster(address: str | None) -> Any:
+    """The RayCluster `--ray [ADDRESS]` asks for (None: no --ray; "": a local instance)."""
+    if address is None:
+        return None
+    from .api.distributed import RayCluster
+
+    return RayCluster(address or None)
+
+
+def usage_error(message: str) -> NoReturn:
     """Exit 2 with one line, as a usage error made by click would."""
     typer.echo(f"lorafit: error: {message}", err=True)
     raise typer.Exit(2)
@@ -176,8 +205,9 @@ def run_command(fn: Callable[[], Any], fmt: str, command: str, show_modules: boo
 
 
 def run_scan(paths: list[Any], base: str | None, class_name: str | None, runtimes: list[str], hf_cache: bool,
-             out: Any, workers: int | None, fmt: str) -> None:
-    """lorafit scan: a progress bar, then the per-adapter table (or JSONL / github / sarif), REPORT_DIR if asked."""
+             out: Any, workers: int | None, fmt: str, ray: str | None = None) -> None:
+    """lorafit scan: a progress bar, then the per-adapter table (or JSONL / github / sarif), REPORT_DIR if asked;
+    with `ray` (--ray [ADDRESS]), the work runs as Ray tasks."""
     quiet_libraries()
     from .api.scan import ScanOptions, scan
 
@@ -187,11 +217,35 @@ def run_scan(paths: list[Any], base: str | None, class_name: str | None, runtime
 
             parse_runtimes(runtimes)  # an unknown runtime is a usage error before any work
         result = scan(paths, ScanOptions(base, class_name, runtimes), workers, hf_cache,
-                      progress=_scan_progress() if fmt == "table" and sys.stderr.isatty() else None)
+                      progress=_scan_progress() if fmt == "table" and sys.stderr.isatty() else None,
+                      cluster=ray_cluster(ray))
         if out is not None:
             _write_scan(result, out)
     except LorafitError as e:
         _bad_input(e, str(e), fmt, "scan")
+    from .render import render_scan
+
+    _print_records(result, fmt, render_scan)
+
+
+def run_batch(manifest: Any, ray: str | None, fmt: str) -> None:
+    """lorafit merge --batch: every merge of MANIFEST, here or on Ray; a row per entry (entry, status, out), or a
+    record per entry (JSON lines, like scan's); exit 1 when any entry failed or was refused."""
+    quiet_libraries()
+    from .api.batch import merge_batch
+
+    try:
+        show = _scan_progress("lorafit merge --batch", "entries") if fmt == "table" and sys.stderr.isatty() else None
+        result = merge_batch(manifest, ray_cluster(ray), progress=show)
+    except LorafitError as e:
+        _bad_input(e, str(e), fmt, "merge")
+    from .render import render_batch
+
+    _print_records(result, fmt, render_batch)
+
+
+def _print_records(result: Any, fmt: str, render_table: Callable[..., None]) -> None:
+    """A scan's or a batch's records: JSON lines, CI annotations of their reports, or the table; exit with its code."""
     if fmt == "json":
         sys.stdout.write("".join(json.dumps(r, default=str) + "\n" for r in result.records))
     elif fmt in ("github", "sarif"):
@@ -200,15 +254,13 @@ def run_scan(paths: list[Any], base: str | None, class_name: str | None, runtime
         reports = result.reports()
         sys.stdout.write("".join(github_annotations(r) for r in reports) if fmt == "github" else sarif_log(reports))
     else:
-        from .render import render_scan
-
-        render_scan(result, color=SETTINGS.color)
+        render_table(result, color=SETTINGS.color)
     raise typer.Exit(result.exit_code)
 
 
-def _scan_progress() -> Callable[[int, int], None]:
+def _scan_progress(what: str = "lorafit scan", unit: str = "adapters") -> Callable[[int, int], None]:
     def show(done: int, total: int) -> None:
-        sys.stderr.write(f"\rlorafit scan: {done}/{total} adapters")
+        sys.stderr.write(f"\r{what}: {done}/{total} {unit}")
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()

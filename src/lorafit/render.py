@@ -254,3 +254,32 @@ def render_scan(result: Any, color: bool = True) -> None:
                   f"({s['from_cache']} from the cache): {s['ok']} ok, {s['with_errors']} with errors, "
                   f"{s['unreadable']} unreadable")
     _flush(console, target)
+
+
+def render_batch(result: Any, color: bool = True) -> None:
+    """One line per merge of a batch (entry, status, out, and the error or the error findings), then the totals."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    target = Console(no_color=not color, highlight=False)
+    console = _capture(target, color)
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a path is shown whole, folded at the width, never cut
+    table.add_column(overflow="fold")
+    style = {"merged": "green", "refused": "red", "failed": "red"}
+    for r in result.records:
+        if "error" in r:
+            detail = r["error"]["message"][:200]
+        else:
+            detail = ", ".join(sorted({f["code"] for f in r["report"]["findings"] if f["severity"] == "error"}))
+        table.add_row(str(r["entry"]), f"[{style[r['status']]}]{r['status']}[/]", escape(printable(r["out"])),
+                      escape(printable(detail)))
+    console.print(table)
+    s = result.summary()
+    where = " on Ray" if s["ray"] else ""
+    console.print(f"merge --batch: {s['entries']} entr{'ies' if s['entries'] != 1 else 'y'} in {s['seconds']} s"
+                  f"{where}: {s['merged']} merged, {s['refused']} refused, {s['failed']} failed")
+    _flush(console, target)

@@ -13,12 +13,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LorafitError
 from ..report import Report
 from ..version import __version__
+
+if TYPE_CHECKING:
+    from .distributed import RayCluster
 
 ADAPTER_MARKERS = ("adapter_config.json", "adapters.safetensors")  # PEFT, mlx-lm
 SKIP_DIRS = {".git", "__pycache__", "node_modules", ".venv"}
@@ -211,13 +215,15 @@ def _base_of(adapter_dir: Path, options: ScanOptions) -> str:
 
 
 def scan(paths: Sequence[str | Path], options: ScanOptions | None = None, workers: int | None = None,
-         hf_cache: bool = False, progress: Callable[[int, int], None] | None = None) -> ScanResult:
-    """Judge every adapter found under `paths` (and in the HF cache with `hf_cache`).
+         hf_cache: bool = False, progress: Callable[[int, int], None] | None = None,
+         cluster: RayCluster | None = None) -> ScanResult:
+    """Judge every adapter found under `paths` (and in the HF cache with `hf_cache`), in local processes or, with
+    `cluster`, as Ray tasks (the same chunks and the same function, so the same records).
 
     Returns:
         a ScanResult: one record per adapter (the check JSON, or the error), grouped by base.
     Raises:
-        LorafitError: a path that does not exist; no adapter found.
+        LorafitError: a path that does not exist; no adapter found; Ray not installed or unreachable.
     """
     options = options or ScanOptions()
     t0 = time.perf_counter()
@@ -228,10 +234,13 @@ def scan(paths: Sequence[str | Path], options: ScanOptions | None = None, worker
     groups: dict[str, list[Path]] = {}
     for d in dirs:
         groups.setdefault(_base_of(d, options), []).append(d)
-    chunks = [chunk for group in groups.values() for chunk in _chunks(group, workers or os.cpu_count() or 1)]
+    chunks = [] if cluster else [chunk for group in groups.values()
+                                 for chunk in _chunks(group, workers or os.cpu_count() or 1)]
     results: list[tuple[dict[str, Any], bool]] = []
     n = workers or min(len(chunks), os.cpu_count() or 1)
-    if n <= 1:
+    if cluster is not None:  # the same work as Ray tasks, chunked over the cluster's CPUs
+        results = _scan_on_ray(groups, options, workers, cluster, progress)
+    elif n <= 1:
         for chunk in chunks:
             results += _judge_group(chunk, options)
             if progress:
@@ -246,6 +255,27 @@ def scan(paths: Sequence[str | Path], options: ScanOptions | None = None, worker
     records = sorted((r for r, _ in results), key=lambda r: r["adapter"])
     return ScanResult(records, cached=sum(c for _, c in results), seconds=time.perf_counter() - t0,
                       groups={b: [str(d) for d in ds] for b, ds in groups.items()})
+
+
+def _scan_on_ray(groups: dict[str, list[Path]], options: ScanOptions, workers: int | None, cluster: RayCluster,
+                 progress: Callable[[int, int], None] | None) -> list[tuple[dict[str, Any], bool]]:
+    """The local scan's work as Ray tasks: each base's adapters in chunks (one per cluster CPU, or `workers`), each
+    chunk a task running _judge_group, so a worker builds or reads that base's tree once."""
+    from .distributed import connected, run_on_ray
+
+    total = sum(len(g) for g in groups.values())
+    done = 0
+
+    def tick(_: int, chunk: list[tuple[dict[str, Any], bool]]) -> None:
+        nonlocal done
+        done += len(chunk)
+        if progress is not None:
+            progress(done, total)
+
+    with connected(cluster) as cpus:
+        chunks = [chunk for group in groups.values() for chunk in _chunks(group, workers or cpus)]
+        parts = run_on_ray(partial(_judge_group, options=options), chunks, cluster, on_done=tick)
+    return [r for part in parts for r in part]
 
 
 def _chunks(items: list[Path], parts: int) -> Iterable[list[Path]]:
