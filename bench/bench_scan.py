@@ -8,6 +8,7 @@ A script, never a test. In a work dir (default bench/work/, gitignored) it write
 Then it times, as subprocesses (bench_merge.run: best of the runs, after the machine is idle):
   - `lorafit scan fleet-N --base config-1b --json` with the module tree cached and an empty scan cache (cold), and
     again with the scan cache filled (a re-run: every result comes from the cache);
+  - the cost per adapter as the fleet grows: cold scans of fleets of r=8 adapters (--curve, default 50,200,1000);
   - the stock way per adapter: the base loaded once, then PeftModel.from_pretrained and a count of the loaded
     LoRA tensors for each of a few adapters (the per-adapter time is the slope, the base load left out);
   - with --ray (needs `pip install 'lorafit[ray]'`), `scan --ray` on a local Ray instance at the largest size
@@ -120,7 +121,7 @@ def ray_lines(ray: dict[str, Any], local_cli_s: float | None) -> list[str]:
             f"includes Ray's start and stop{cli_local}."]
 
 
-def setup(work: Path, sizes: list[int]) -> None:
+def setup(work: Path, sizes: list[int], curve: list[int]) -> None:
     config = work / "config-1b"
     if not config.exists():
         config.mkdir(parents=True)
@@ -130,31 +131,45 @@ def setup(work: Path, sizes: list[int]) -> None:
     one = work / "adapter-1b-bf16"
     if not one.exists():
         write_adapter(one, "1b", str(config), dtype="bfloat16")
-    for n in sizes:
-        fleet = work / f"fleet-{n}"
-        if fleet.exists() and len(list(fleet.iterdir())) == n:
-            continue
-        shutil.rmtree(fleet, ignore_errors=True)
-        fleet.mkdir()
-        for i in range(n):
-            shutil.copytree(one, fleet / f"adapter-{i:04d}")
+    small = work / "adapter-1b-r8"
+    if curve and not small.exists():
+        write_adapter(small, "1b", str(config), r=8, dtype="bfloat16")
+    for adapter, name, counts in ((one, "fleet", sizes), (small, "fleet-r8", curve)):
+        for n in counts:
+            fleet = work / f"{name}-{n}"
+            if fleet.exists() and len(list(fleet.iterdir())) == n:
+                continue
+            shutil.rmtree(fleet, ignore_errors=True)
+            fleet.mkdir()
+            for i in range(n):
+                shutil.copytree(adapter, fleet / f"adapter-{i:04d}")
+
+
+def scan_row(n: int, cold: dict[str, Any]) -> dict[str, Any]:
+    """A cold scan of n adapters: its time, per adapter and per second, and its peak RSS."""
+    return {"adapters": n, "cold_s": cold["wall_s"], "per_adapter_ms": round(1000 * cold["wall_s"] / n, 2),
+            "adapters_per_s": round(n / cold["wall_s"], 1), "peak_rss_mb": cold["peak_rss_mb"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     ap.add_argument("--sizes", default="50,200")
+    ap.add_argument("--curve", default="50,200,1000",
+                    help="fleet sizes of r=8 adapters (11 MB each) for the cost-per-adapter curve ('' to skip)")
     ap.add_argument("--stock", type=int, default=5, help="adapters the stock route loads (the slope is per adapter)")
     ap.add_argument("--ray", action="store_true", help="also measure scan --ray on a local Ray instance")
     ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    curve = [int(s) for s in args.curve.split(",") if s]
     work = args.work
     if args.setup_only:
-        setup(work, sizes)
+        setup(work, sizes, curve)
         return
     # Inputs are written by a child: a job forked from a parent that held the 2 GB base would report its RSS.
-    subprocess.run([PY, __file__, "--work", str(work), "--sizes", args.sizes, "--setup-only"], check=True)
+    subprocess.run([PY, __file__, "--work", str(work), "--sizes", args.sizes, "--curve", args.curve, "--setup-only"],
+                   check=True)
     cache = work / "scan-cache"
     lorafit = str(Path(PY).with_name("lorafit"))
     rows: dict[str, Any] = {}
@@ -167,9 +182,12 @@ def main() -> None:
         cold = run(cmd, f"lorafit scan {n} adapters (scan cache empty)", cache=cache,
                    before=lambda: shutil.rmtree(cache / "scan", ignore_errors=True), repeat=2)
         warm = run(cmd, f"lorafit scan {n} adapters (re-run, all cached)", cache=cache, repeat=2)
-        rows[f"scan-{n}"] = {"adapters": n, "cold_s": cold["wall_s"], "rerun_s": warm["wall_s"],
-                             "per_adapter_ms": round(1000 * cold["wall_s"] / n, 2),
-                             "adapters_per_s": round(n / cold["wall_s"], 1), "peak_rss_mb": cold["peak_rss_mb"]}
+        rows[f"scan-{n}"] = scan_row(n, cold) | {"rerun_s": warm["wall_s"]}
+    for n in curve:  # the cost per adapter as the fleet grows: cold scans of r=8 fleets
+        cmd = [lorafit, "scan", str(work / f"fleet-r8-{n}"), "--base", str(work / "config-1b"), "--json"]
+        cold = run(cmd, f"lorafit scan {n} r=8 adapters (scan cache empty)", cache=cache,
+                   before=lambda: shutil.rmtree(cache / "scan", ignore_errors=True), repeat=2)
+        rows[f"curve-{n}"] = scan_row(n, cold)
     fleet = work / f"fleet-{sizes[0]}"
     paths = [str(p) for p in sorted(fleet.iterdir())[: args.stock]]
     stock = run([PY, "-c", STOCK, str(work / "base-1b"), *paths], f"stock: PeftModel.from_pretrained x{args.stock}")
@@ -197,6 +215,20 @@ def main() -> None:
                      f"{r['faster_than_stock']}x faster | {r['peak_rss_mb']} |")
     lines += ["", f"Stock route: base loaded once, then PeftModel.from_pretrained + count per adapter: "
               f"{rows['stock']['per_adapter_s']} s per adapter."]
+    if curve:
+        lines += ["", "Cost per adapter as the fleet grows (r=8 on every linear, 11 MB each; cold scans; the marginal "
+                  "cost is the time added per adapter since the previous size):", "",
+                  "| adapters | scan, cold (s) | adapters/s | ms per adapter | marginal ms per adapter | peak RSS (MB) "
+                  "|", "|---|---|---|---|---|---|"]
+        prev = None
+        for n in curve:
+            r = rows[f"curve-{n}"]
+            marginal = "" if prev is None else round(1000 * (r["cold_s"] - prev["cold_s"]) / (n - prev["adapters"]), 2)
+            r["marginal_ms"] = marginal or None
+            lines.append(f"| {n} | {r['cold_s']} | {r['adapters_per_s']} | {r['per_adapter_ms']} | {marginal} | "
+                         f"{r['peak_rss_mb']} |")
+            prev = r
+        (out / "scan.json").write_text(json.dumps(result, indent=2) + "\n")  # with the marginal costs
     if "ray" in result:
         same = rows.get(f"scan-{result['ray']['adapters']}", {}).get("cold_s")
         lines += ray_lines(result["ray"], same)
