@@ -180,6 +180,15 @@ def test_blueprint_equals_the_meta_build(tmp_path: Path, model_type: str, full: 
             assert tree_from_blueprint(cj, concrete) is not None
 
 
+@pytest.mark.parametrize("name", ["gpt-oss-20b", "deepseek-v3"])
+def test_real_quantized_configs_are_their_meta_builds(name: str) -> None:
+    """GPT-OSS (MXFP4) and DeepSeek-V3 (FP8) as published: the blueprint answers, with the meta build's tree."""
+    cj = json.loads((Path(__file__).resolve().parent.parent / "bench" / "configs" / f"{name}.json").read_text())
+    drawn = tree_from_blueprint(cj, "AutoModelForCausalLM")
+    assert drawn is not None and "quantization_config" in cj
+    assert_same_tree(drawn, _built(cj, "AutoModelForCausalLM"))
+
+
 def test_real_configs_of_structural_variants_are_their_meta_builds(tmp_path: Path) -> None:
     """Each spec a model type has beyond its first was made for the structure of a real config (flan-T5's gated FFN,
     Gemma-3's vision tower without its head): those real configs get a tree, and it is the meta build."""
@@ -231,7 +240,7 @@ BASE = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size
 
 
 @pytest.mark.parametrize(("change", "why"), [
-    ({"quantization_config": {"quant_method": "bitsandbytes"}}, "a key the blueprint does not know"),
+    ({"unknown_future_key": 3}, "a key the blueprint does not know"),
     ({"attention_bias": True}, "a pinned structural flag with another value"),
     ({"hidden_act": "gelu"}, "another activation module"),
     ({"hidden_size": 16.0}, "a size that is not an int"),
@@ -251,6 +260,29 @@ def test_auto_map_on_a_built_in_type_is_the_built_in_tree() -> None:
     drawn = tree_from_blueprint(cj, "AutoModelForCausalLM")
     assert drawn is not None
     assert_same_tree(drawn, _built(cj, "AutoModelForCausalLM"))
+
+
+@pytest.mark.parametrize("quant", [{"quant_method": "fp8", "weight_block_size": [128, 128]}, {"quant_method": "mxfp4"}])
+def test_a_quantized_base_is_the_tree_before_quantizing_with_a_note(bases: dict[str, Path], tmp_path: Path,
+                                                                    quant: dict[str, Any]) -> None:
+    """quantization_config acts in from_pretrained: the blueprint's tree is the meta build's (GPT-OSS's and
+    DeepSeek-V3's hub configs carry one), and check says what that means."""
+    import shutil
+
+    import lorafit
+
+    cj = {**BASE, "quantization_config": quant}
+    drawn = tree_from_blueprint(cj, "AutoModelForCausalLM")
+    assert drawn is not None
+    assert_same_tree(drawn, _built(cj, "AutoModelForCausalLM"))
+    base = tmp_path / "llama-base"
+    shutil.copytree(bases["llama"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"quantization_config": quant}))
+    make_adapter(bases["llama"], "AutoModelForCausalLM", tmp_path / "a")
+    report = lorafit.check(tmp_path / "a", base, "AutoModelForCausalLM")
+    note = next(f for f in report.findings if f.code == "quantized-base")
+    assert report.ok and note.severity == "info" and quant["quant_method"] in note.message
 
 
 def test_a_config_alias_is_read_as_its_field() -> None:

@@ -123,6 +123,8 @@ CATALOG: dict[str, Code] = {
          "the base's config.json names custom code (auto_map), which lorafit never runs"),
     "custom-code-required": Code(ERROR, RUNTIME, (),
          "the base's model type exists only as custom code lorafit will not run"),
+    "quantized-base": Code(INFO, RUNTIME, (),
+         "the base's config.json is quantized: its module tree is judged as built before quantizing"),
     "stale-output-removed": Code(INFO, OUTPUT, (),
          "leftovers of a killed lorafit run to the same output were cleaned up"),
 }

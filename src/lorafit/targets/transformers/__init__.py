@@ -49,13 +49,20 @@ class TransformersRuntime:
         `overrides`: config kwargs of from_pretrained (num_labels=3) for a base on disk."""
         if isinstance(base, (str, Path)):
             from . import tree_cache
-            from .resolve import custom_code_finding, open_model_dir, tree_from_pretrained, unloaded_weights_finding
+            from .resolve import (
+                custom_code_finding,
+                open_model_dir,
+                quantized_base_finding,
+                tree_from_pretrained,
+                unloaded_weights_finding,
+            )
 
             md = open_model_dir(base).with_overrides(overrides)  # config.json is read here, once
             note = custom_code_finding(md.path, md.config)
             name = how or self.default_how(adapter)
             tree = tree_from_pretrained(md, name, source=str(base))
-            notes = [n for n in (note, unloaded_weights_finding(md, tree)) if n is not None]
+            notes = [n for n in (note, quantized_base_finding(md.config), unloaded_weights_finding(md, tree))
+                     if n is not None]
             return Target(tree, name, str(base), notes, meta_model_thunk(md, name), tree_cache.cache_key(md.raw, name),
                           md.path)
         from .module_tree import tree_from_module

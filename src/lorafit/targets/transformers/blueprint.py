@@ -33,6 +33,9 @@ FREE_KEYS = frozenset({
     # Custom code of a built-in model type: lorafit never runs it, so the tree is transformers' own class (the
     # check says so with the custom-code finding).
     "auto_map",
+    # Acts in from_pretrained (a quantizer swaps in its layer classes), never in a build from the config: the meta
+    # build ignores it as well, so both give the tree before quantizing (the check says so with quantized-base).
+    "quantization_config",
 })
 # Free only for a model type whose config defines them (the generator lists them in its "free"): a
 # mistral config.json with layer_types is read by transformers as ministral.

@@ -119,6 +119,19 @@ def custom_code_finding(model_dir: Path, config: dict[str, Any]) -> Finding | No
                    f"the module tree is transformers' built-in {model_type!r} class, which the custom code may change")
 
 
+def quantized_base_finding(config: dict[str, Any]) -> Finding | None:
+    """A note when config.json carries a quantization_config: lorafit's tree is the model before quantizing."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    named = f" ({method})" if isinstance(method, str) else ""
+    return Finding("quantized-base", f"config.json has a quantization_config{named}: lorafit judges the module tree "
+                   "transformers builds before quantizing, which is the model loaded dequantized; loaded quantized, "
+                   "the quantizer swaps in its own layer classes at the same paths, and LoRA lands only on those "
+                   "PEFT supports for that method (merge needs float weights)")
+
+
 def unloaded_weights_finding(md: ModelDir, tree: ModuleTree) -> Finding | None:
     """For a class built from part of a composite config (a VLM's text-only class): a finding when
     from_pretrained would find none of its weights in this checkpoint and leave them at random init.
