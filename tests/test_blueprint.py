@@ -180,6 +180,20 @@ def test_blueprint_equals_the_meta_build(tmp_path: Path, model_type: str, full: 
             assert tree_from_blueprint(cj, concrete) is not None
 
 
+def test_a_pinned_field_transformers_derives_is_right_or_declines() -> None:
+    """OPT's word_embed_proj_dim is hidden_size when left out, and any other value adds project_in/out: the
+    blueprint answers OPT-1.3b (which gives it equal) with the meta build's tree, and declines a config that gives
+    another value, even the default config's (768 beside hidden_size 2048 once answered with no projection)."""
+    cj = json.loads((Path(__file__).resolve().parent.parent / "bench" / "configs" / "opt-1.3b.json").read_text())
+    drawn = tree_from_blueprint(cj, "AutoModelForCausalLM")
+    assert drawn is not None
+    assert_same_tree(drawn, _built(cj, "AutoModelForCausalLM"))
+    assert tree_from_blueprint({k: v for k, v in cj.items() if k != "word_embed_proj_dim"}, "OPTModel") is not None
+    for other in (768, 1024):
+        assert tree_from_blueprint({**cj, "word_embed_proj_dim": other}, "AutoModelForCausalLM") is None
+        assert "decoder.project_in" in _built({**cj, "word_embed_proj_dim": other}, "AutoModel").modules
+
+
 @pytest.mark.parametrize("name", ["gpt-oss-20b", "deepseek-v3"])
 def test_real_quantized_configs_are_their_meta_builds(name: str) -> None:
     """GPT-OSS (MXFP4) and DeepSeek-V3 (FP8) as published: the blueprint answers, with the meta build's tree."""

@@ -767,7 +767,9 @@ def _derived(build: Any, nested: list[str], default: dict[str, Any], sizes: dict
         if got and all(g == default.get(name) for g in got):
             continue  # omitted, it is the class default
         try:
-            if name not in sizes:
+            # a pinned integer may derive too (OPT's word_embed_proj_dim is hidden_size when left out): given equal
+            # to its derivation, the config is the one transformers makes without it
+            if name not in sizes and (not isinstance(default.get(name), int) or isinstance(default.get(name), bool)):
                 raise Unsupported(name)
             if len(got) != len(probes) - 1:
                 raise Unsupported(name)

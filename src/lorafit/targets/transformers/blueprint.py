@@ -176,6 +176,14 @@ def resolve_sizes(spec: dict[str, Any], config: dict[str, Any]) -> dict[str, int
             values[name] = v
     same = spec.get("equivalent") or {}  # other values the generator built into the same tree (Gemma: "gelu")
     for name, want in spec["pinned"].items():
+        if name in derived:
+            # The generator never gave it: every probe had what transformers derives (OPT's word_embed_proj_dim is
+            # hidden_size, and other values add project_in/out). Null, or left out or given as its derivation when
+            # that is known, the rows hold; otherwise they may not, and the meta build answers.
+            given, expr = config.get(name, _UNKNOWN), derived[name]
+            if given is None or (expr is not None and given in (_UNKNOWN, evaluate(expr, values))):
+                continue
+            return None
         given = _given_or_default(config, spec, name, want)
         if given != want and given not in same.get(name, []):
             return None
