@@ -109,12 +109,12 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
                                       num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4,
                                       projection_dim=16),
                    image_token_index=63)],
+    # cross_attention_layers is pinned to its default (every 5th of 40 from 3): 17 runs of unlike layers
     "mllama": [dict(text_config=dict(vocab_size=96, pad_token_id=0, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                     cross_attention_layers=[1]),
-                    vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
-                                       num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
-                                       intermediate_layers_indices=[0]))],
+                                     num_hidden_layers=42, num_attention_heads=4, num_key_value_heads=2),
+                    # likewise intermediate_layers_indices (3, 7, 15, 23, 30 of 32)
+                    vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=32, num_global_layers=1,
+                                       num_attention_heads=2, image_size=28, patch_size=14, vision_output_dim=96))],
     "gemma3": [dict(text_config=dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8),
                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -297,6 +297,19 @@ def test_a_quantized_base_is_the_tree_before_quantizing_with_a_note(bases: dict[
     report = lorafit.check(tmp_path / "a", base, "AutoModelForCausalLM")
     note = next(f for f in report.findings if f.code == "quantized-base")
     assert report.ok and note.severity == "info" and quant["quant_method"] in note.message
+
+
+def test_layers_of_kinds_a_list_sets_are_right_or_decline() -> None:
+    """Mllama's cross-attention layers sit where text_config.cross_attention_layers says: its default list is in
+    the blueprint (Llama 3.2 11B Vision's), and another list is the meta build's to answer."""
+    kw = VARIANTS["mllama"][0]
+    for layers, answers in (([3, 8, 13, 18, 23, 28, 33, 38], True), ([1], False), ([3, 8], False)):
+        cj = transformers.AutoConfig.for_model(
+            "mllama", **{**kw, "text_config": {**kw["text_config"], "cross_attention_layers": layers}}).to_dict()
+        drawn = assert_right_or_none(cj, "AutoModelForImageTextToText")
+        assert (drawn is not None) == answers, layers
+        if drawn is not None:
+            assert sum(p.endswith("cross_attn") for p in drawn.modules) == len(layers)
 
 
 def test_a_config_alias_is_read_as_its_field() -> None:

@@ -40,7 +40,8 @@ from lorafit.tree import ModuleInfo, ModuleTree
 
 DEFAULT_TYPES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "opt", "bert",
                  "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "gemma3_text", "olmo2", "granite", "phi",
-                 "falcon", "gpt_neox", "starcoder2", "roberta", "deberta-v2", "t5", "bart", "whisper", "deepseek_v3"]
+                 "falcon", "gpt_neox", "starcoder2", "roberta", "deberta-v2", "t5", "bart", "whisper", "deepseek_v3",
+                 "llava", "gemma3", "idefics3", "mllama"]
 # Keys hub config.json files carry that transformers' configs do not define. One is free for a model type
 # when neither its modeling and configuration code nor transformers' generic model code mention it.
 HUB_EXTRA_KEYS = ["n_ctx", "task_specific_params", "position_embedding_type", "gradient_checkpointing",
@@ -59,9 +60,10 @@ ACTIVATIONS = ["gelu", "silu", "gelu_pytorch_tanh", "relu"]
 # Keys that from_pretrained acts on and a build from the config does not: never shown harmless by a probe.
 LOAD_TIME_KEYS = {"quantization_config"}
 PROBES = 6
+MAX_RUNS = 64  # runs of unlike blocks under one container (Mllama's 40 layers with 8 cross-attention ones: 17)
 MULTIPLIERS = range(1, 5)
 # What a blueprint must reproduce of a ModuleTree besides its modules.
-_TREE_ATTRS = ("class_name", "base_model_prefix", "can_generate", "implied_task_type", "vocab_size",
+_TREE_ATTRS = ("class_name", "model_type", "base_model_prefix", "can_generate", "implied_task_type", "vocab_size",
                "tie_word_embeddings", "input_embeddings", "output_embeddings", "converts_keys", "tied")
 
 
@@ -101,6 +103,13 @@ def infer(points: list[dict[str, int]], targets: list[int | None]) -> int | str 
     monomials = [m for tier in (tiers if len(fields) <= 20 else tiers[:2]) for m in tier]
     found = (_sums(points, ts, monomials) or _patches(points, ts, fields)
              or _offsets(points, ts, fields) or _times_square(points, ts, fields))
+    if len(found) > 1:
+        # Sums with a field every probe keeps constant (num_labels) fit a field plus a constant many ways;
+        # the field plus the constant itself (Mllama's vocab_size+8) is the one meant when it alone fits.
+        offsets = _offsets(points, ts, fields)
+        found = offsets if len(offsets) == 1 else found
+    if not found:
+        found = _patch_products(points, ts, fields, tiers[:2])
     if len(found) == 1:
         return found.pop()
     raise Unsupported(f"sizes {ts} fit {sorted(found)}" if found else f"no expression explains sizes {ts}")
@@ -158,6 +167,28 @@ def _patches(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> 
     return found
 
 
+def _patch_products(points: list[dict[str, int]], ts: list[int], fields: list[str],
+                    tiers: list[list[tuple[tuple[str, ...], tuple[str, ...]]]]) -> set[str]:
+    """A vision tower's positions times a product (Mllama's tile position embedding: max_num_tiles *
+    ((image_size/patch_size)^2 + 1) * hidden_size). Only the position counts that divide every target are tried."""
+    found = set()
+    for f, g in itertools.permutations(fields, 2):
+        if any(p[g] <= 0 or p[f] % p[g] for p in points):
+            continue
+        for extra in (0, 1):
+            counts = [(p[f] // p[g]) ** 2 + extra for p in points]
+            if any(c <= 1 or t % c for c, t in zip(counts, ts, strict=True)):
+                continue
+            rest = [t // c for c, t in zip(counts, ts, strict=True)]
+            for tier in tiers:
+                here = {_render(c, num, den) for num, den in tier
+                        if (c := _coefficient(points, rest, num, den)) is not None}
+                if here:
+                    found |= {f"{e}*{f}*{f}/{g}/{g}" + (f"+{e}" if extra else "") for e in here}
+                    break
+    return found
+
+
 def _times_square(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> set[str]:
     """A field times the square of another: Idefics3's connector takes vision_hidden * scale_factor^2 features."""
     return {f"{f}*{g}*{g}" for f, g in itertools.permutations(fields, 2)
@@ -166,7 +197,7 @@ def _times_square(points: list[dict[str, int]], ts: list[int], fields: list[str]
 
 def _offsets(points: list[dict[str, int]], ts: list[int], fields: list[str]) -> set[str]:
     """A field plus a small constant: BART's and OPT's learned positions keep 2 rows beyond max_position_embeddings."""
-    return {f"{f}+{k}" for f in fields for k in (1, 2, 3, 4)
+    return {f"{f}+{k}" for f in fields for k in range(1, 9)
             if all(p[f] + k == t for p, t in zip(points, ts, strict=True))}
 
 
@@ -245,7 +276,9 @@ def _collapse(modules: dict[str, ModuleInfo]) -> list[Any]:
             if k == len(by_index) or by_index[k] != by_index[start]:
                 rows.append(("repeat", container, start, k, by_index[start]))
                 start = k
-        if sum(1 for r in rows if r[0] == "repeat" and r[1] == container) > 3:
+        # Many runs are blocks of kinds set by a list field (Mllama's cross_attention_layers, pinned to its
+        # default): each boundary must then be explained in every probe like any size, or the type is dropped.
+        if sum(1 for r in rows if r[0] == "repeat" and r[1] == container) > MAX_RUNS:
             raise Unsupported(f"the blocks under {container} differ from each other")  # a pattern, not runs
     return rows
 
@@ -293,7 +326,9 @@ def class_blueprint(trees: list[ModuleTree], points: list[dict[str, int]]) -> di
             continue  # a size expression and a config flag, not constants
         if len({json.dumps(getattr(t, attr), sort_keys=True) for t in trees}) != 1:
             raise Unsupported(f"{attr} changes with sizes")
-    return {"rows": rows, "base_model_prefix": t0.base_model_prefix, "can_generate": t0.can_generate,
+    # model_type: a VLM's text-only class (MllamaForCausalLM) is built from its text config, of another type
+    return {"rows": rows, "model_type": t0.model_type, "base_model_prefix": t0.base_model_prefix,
+            "can_generate": t0.can_generate,
             "implied_task_type": t0.implied_task_type, "input_embeddings": t0.input_embeddings,
             "output_embeddings": t0.output_embeddings, "converts_keys": t0.converts_keys, "tied": t0.tied,
             "conversion_patterns": t0.conversion_patterns,
@@ -392,10 +427,15 @@ def model_type_blueprint(model_type: str, rng: random.Random,
         free.append(name)
         del sizes[name]
         derived.pop(name, None)
+    nested_defaults = _nested_defaults(config_cls, nested)
+    # A key of a sub-config that real configs carry and the class does not define (Mllama's pruned_heads: {}),
+    # pinned to the value proven to change nothing: left out, it is as in the default build, which lacked it.
+    nested_defaults.update({k: v for k, v in pinned.items()
+                            if "." in k and k not in default and k not in nested_defaults})
     spec = {"sizes": sizes, "bools": bools, "pinned": pinned, "free": free, "derived": derived,
             "aliases": dict(getattr(config_cls, "attribute_map", {}) or {}), "nested": nested,
             "equivalent": equivalent, "base": dict(base or {}), "lift": _lifted_sub(config_cls, nested),
-            "nested_defaults": _nested_defaults(config_cls, nested),
+            "nested_defaults": nested_defaults,
             "divides": _with_defaults(_divides(out_classes, derived, points)
                                       + _enforced(default, classes, make_config), default),
             "layers_field": _layers_field(out_classes),

@@ -294,7 +294,8 @@ def _tree_from_spec(spec: dict[str, Any], config: dict[str, Any], model_type: st
         return None
     tie = bp["tie"]
     return ModuleTree(
-        class_name=concrete, modules=modules, model_type=model_type, base_model_prefix=bp["base_model_prefix"],
+        class_name=concrete, modules=modules, model_type=bp.get("model_type", model_type),
+        base_model_prefix=bp["base_model_prefix"],
         can_generate=bp["can_generate"], implied_task_type=bp["implied_task_type"],
         vocab_size=evaluate(bp["vocab_size"], values),
         tie_word_embeddings=bool(_given_or_default(config, spec, tie["field"], spec["bools"][tie["field"]])
