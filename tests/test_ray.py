@@ -274,6 +274,9 @@ def test_usage(fleet: Path, tmp_path: Path) -> None:
     manifest = _manifest(tmp_path / "m.jsonl", [{"adapter": "a", "out": "o"}])
     assert_one_line_error(*cli("merge", "--batch", manifest, "-o", tmp_path / "x"), "not --out")
     assert_one_line_error(*cli("merge", "--batch", manifest, "--dtype", "bf16"), "not --dtype")
+    # given on the command line, even at its default value, it would be silently ignored: refused
+    assert_one_line_error(*cli("merge", "--batch", manifest, "--workers", "2"), "not --workers")
+    assert_one_line_error(*cli("merge", fleet / "llama-ok", "--batch", manifest), "not ADAPTER")
     assert_one_line_error(*cli("merge", fleet / "llama-ok", "-o", tmp_path / "x", "--ray"), "--batch")
     assert_one_line_error(*cli("merge"), "merge needs ADAPTER and --out")
     # an address nobody listens on is refused at once, not after Ray's minutes of retries (a process of its own:

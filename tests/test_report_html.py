@@ -166,3 +166,35 @@ def test_bad_input(adapter: Path, tmp_path: Path) -> None:
     (scan_dir / "scan.jsonl").write_text('{"adapter": "a"}\nnot json\n')
     assert_one_line_error(*cli("report", scan_dir, "-o", tmp_path / "s.html"), "scan.jsonl", "line 2")
     assert not (tmp_path / "s.html").exists() and not (tmp_path / "x.html").exists()
+
+
+def test_moe_expert_norms_are_peft_deltas(tmp_path: Path) -> None:
+    """A LoRA on fused experts' parameters (PEFT's target_parameters) is one delta per expert: the drawn norm is
+    that of PEFT's own ParamWrapper delta, with the scale of the parameter it adapts."""
+    from peft import get_peft_model
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention", "sliding_attention"])
+    model = GptOssForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj"],
+                                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                                          rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 6}))
+    with torch.no_grad():  # trained: B != 0
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    pm.save_pretrained(tmp_path / "adapter")
+    code, _ = cli_json("report", tmp_path / "adapter", "--base", tmp_path / "base", "-o", tmp_path / "moe.html")
+    cells = {c["path"]: c for c in _page(tmp_path / "moe.html")[1]["figures"]["cells"]}
+    wrappers = {n.removeprefix("base_model.model."): m for n, m in pm.named_modules()
+                if hasattr(m, "parameter_name") and "default" in getattr(m, "lora_A", {})}
+    assert code == 0 and len(wrappers) == 4
+    for path, wrapper in wrappers.items():
+        want = float(torch.linalg.vector_norm(wrapper.get_delta_weight("default").double()))
+        assert cells[path]["norm"] == pytest.approx(want, rel=1e-6), path
+        assert cells[path]["rank"] == (2 if wrapper.parameter_name == "down_proj" else 4), path
+

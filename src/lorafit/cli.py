@@ -197,7 +197,7 @@ def demo(keep: Annotated[Path | None, typer.Option(help="Keep the demo's files i
 
 
 @app.command(epilog=TREE_ENV)
-def merge(adapter: Annotated[str | None, typer.Argument(
+def merge(ctx: typer.Context, adapter: Annotated[str | None, typer.Argument(
               help="Adapter directory (adapter_config.json + weights), a parent holding one adapter, or a hub id in "
               "the local HF cache. Not with --batch.")] = None,
           out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory to write the merged model to.")]
@@ -233,12 +233,10 @@ def merge(adapter: Annotated[str | None, typer.Argument(
     here or with --ray on a Ray cluster, a row each.
     """
     if batch is not None:
-        given = [name for name, value, default in (
-            ("ADAPTER", adapter, None), ("--out", out, None), ("--base", base, None), ("--revision", revision, None),
-            ("--config", config, None), ("--class", class_name, None), ("--key-mapping", key_mapping, None),
-            ("--dtype", dtype, None), ("--safe-merge", safe_merge, False), ("--max-shard-size", max_shard_size, "5GB"),
-            ("--workers", workers, 2), ("--force", force, False), ("--overwrite", overwrite, False),
-            ("--follow-symlinks", follow_symlinks, False)) if value != default]
+        # what the command line set, whatever the defaults are: each merge's options come from MANIFEST
+        given = [p.opts[0] if p.param_type_name == "option" else (p.name or "").upper() for p in ctx.command.params
+                 if p.name not in (None, "batch", "ray", "as_json", "fmt")
+                 and getattr(ctx.get_parameter_source(p.name or ""), "name", "") == "COMMANDLINE"]
         if given:
             usage_error(f"merge --batch takes each merge's adapter, out and options from MANIFEST, not {given[0]}")
         from .cli_output import run_batch

@@ -44,22 +44,30 @@ def place(path: str) -> tuple[str, str]:
     return (f"{m.group(1)}.{m.group(2)}", m.group(3)) if m else ("other", path)
 
 
-def delta_norm(module: LoraModule, adapter: Adapter) -> float | None:
+def delta_norm(module: LoraModule, adapter: Adapter, adapted: tuple[str, int] | None = None) -> float | None:
     """‖scaling·B·A‖_F, exactly, from the factors: trace((BᵀB)(AAᵀ)) needs two r×r products, never the out×in
-    delta. None for parameter LoRA on fused experts (one delta per expert) and for non-finite factors."""
-    if module.kind == "param":
-        return None
+    delta. A LoRA on fused experts' parameter (`adapted`: the parameter and its experts, as the alignment found
+    them) is one such delta per expert, summed in squares. None for a parameter LoRA not landed anywhere (which
+    parameter, and so which scale, depends on the target) and for non-finite factors."""
     import torch
 
-    a = adapter.tensor(module.keys["A"]).to(torch.float64).reshape(module.rank, -1)
+    if module.kind == "param" and adapted is None:
+        return None
+    param, experts = adapted if adapted is not None else ("", 1)
+    scaling = module.per_param[param][2] if module.kind == "param" else module.scaling
+    a = adapter.tensor(module.keys["A"]).to(torch.float64)
     b = adapter.tensor(module.keys["B"]).to(torch.float64)
     b = b.reshape(b.shape[0], -1)  # conv: [out, r, 1, 1]
-    if a.shape[0] != b.shape[1]:  # a rank the two factors disagree on: no product exists
+    a = a.reshape(a.shape[0], -1)
+    if a.shape[0] != b.shape[1] or a.shape[0] % experts:  # a rank the two factors disagree on: no product
         return None
-    squared = float(((a @ a.T) * (b.T @ b)).sum())
+    # PEFT's layout for experts (ParamWrapper): A as [E, r, in], B as [out, r, E]
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts)
+    squared = float((torch.einsum("eri,esi->ers", a3, a3) * torch.einsum("ore,ose->ers", b3, b3)).sum())
     if not math.isfinite(squared):
         return None
-    return abs(module.scaling) * math.sqrt(max(squared, 0.0))
+    return abs(scaling) * math.sqrt(max(squared, 0.0))
 
 
 def adapter_figures(adapter: Adapter, checked: Checked | None = None, zero_b: list[str] | None = None
@@ -72,6 +80,7 @@ def adapter_figures(adapter: Adapter, checked: Checked | None = None, zero_b: li
     zero = set(zero_b or [])
     cells: list[ModuleCell] = []
     pairs = checked.alignment.as_is.pairs if checked else None
+    params = {**checked.alignment.chosen.params, **checked.alignment.as_is.params} if checked else {}
     for m in adapter.modules.values():
         if pairs is None:
             where, status = m.path, "lands"
@@ -82,8 +91,12 @@ def adapter_figures(adapter: Adapter, checked: Checked | None = None, zero_b: li
         if status == "lands" and m.path in zero:
             status = "lora_B=0"
         row, column = place(where)
-        cells.append(ModuleCell(m.path, where, row, column, status, m.kind, m.rank, m.alpha, m.scaling,
-                                delta_norm(m, adapter)))
+        adapted = params.get(m.path)
+        # a parameter LoRA's r, alpha and scale are those of the parameter it adapts on this target
+        rank, alpha, scaling = (m.per_param[adapted[0]] if adapted and m.kind == "param"
+                                else (m.rank, m.alpha, m.scaling))
+        cells.append(ModuleCell(m.path, where, row, column, status, m.kind, rank, alpha, scaling,
+                                delta_norm(m, adapter, adapted)))
     if checked is not None:
         cells += _untouched(checked, {c.at for c in cells}, {c.column for c in cells})
     rows = sorted({c.row for c in cells}, key=_row_order)
