@@ -195,13 +195,18 @@ def run_command(fn: Callable[[], Any], fmt: str, command: str, show_modules: boo
     except LorafitError as e:
         _bad_input(e, str(e), fmt, command)
     except Exception as e:
-        if os.environ.get("LORAFIT_DEBUG"):
-            raise
-        # A case no rule foresaw: still one line, never a traceback; LORAFIT_DEBUG=1 shows it.
-        first = (str(e).splitlines() or [""])[0][:300]
-        _bad_input(e, f"unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the traceback; please "
-                   "report it)", fmt, command)
+        _unexpected(e, fmt, command)
     emit(report, fmt, show_modules)
+
+
+def _unexpected(e: Exception, fmt: str, command: str) -> None:
+    """A case no rule foresaw: still one line and exit 2, never a traceback; LORAFIT_DEBUG=1 shows it. Call it in
+    an `except` block (it re-raises the exception being handled under LORAFIT_DEBUG)."""
+    if os.environ.get("LORAFIT_DEBUG"):
+        raise  # the exception of the except block this is called from
+    first = (str(e).splitlines() or [""])[0][:300]
+    _bad_input(e, f"unexpected {type(e).__name__}: {first} (LORAFIT_DEBUG=1 shows the traceback; please "
+               "report it)", fmt, command)
 
 
 def run_scan(paths: list[Any], base: str | None, class_name: str | None, runtimes: list[str], hf_cache: bool,
@@ -223,6 +228,8 @@ def run_scan(paths: list[Any], base: str | None, class_name: str | None, runtime
             _write_scan(result, out)
     except LorafitError as e:
         _bad_input(e, str(e), fmt, "scan")
+    except Exception as e:
+        _unexpected(e, fmt, "scan")
     from .render import render_scan
 
     _print_records(result, fmt, render_scan)
@@ -239,6 +246,8 @@ def run_batch(manifest: Any, ray: str | None, fmt: str) -> None:
         result = merge_batch(manifest, ray_cluster(ray), progress=show)
     except LorafitError as e:
         _bad_input(e, str(e), fmt, "merge")
+    except Exception as e:
+        _unexpected(e, fmt, "merge")
     from .render import render_batch
 
     _print_records(result, fmt, render_batch)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import LorafitError
-from ..fileio.inputs import parse_json, read_bytes
+from ..fileio.inputs import parse_json, parse_json_lines, read_bytes
 from ..report import Report
 
 if TYPE_CHECKING:
@@ -74,9 +74,7 @@ def load_manifest(path: str | Path) -> list[BatchEntry]:
         if not isinstance(items, list):
             raise LorafitError("is not a JSON list of entries (nor JSON Lines)", path)
     else:
-        lines = raw.split(b"\n")
-        items = [parse_json(line, path, LorafitError, what=f"line {n}")
-                 for n, line in enumerate(lines, 1) if line.strip()]
+        items = parse_json_lines(raw, path, LorafitError)
     if not items:
         raise LorafitError("has no entries; each needs at least \"adapter\" and \"out\"", path)
     here = path.absolute().parent

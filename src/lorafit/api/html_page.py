@@ -76,10 +76,14 @@ def _heatmap(data: dict[str, Any], values: list[list[float]], cmap: Any, norm: A
 
 
 def _short_row(row: str) -> str:
-    """`model.layers.3` -> `3`; a second stack keeps its name (`vision_tower...layers.3` -> `layers.3`)."""
+    """`model.layers.3` -> `3`; a block of another stack keeps its container's name (`visual.blocks.3` ->
+    `blocks.3`); `other` stays."""
     stack, _, index = row.rpartition(".")
-    return index if stack.endswith("model.layers") or stack in ("layers", "h", "transformer.h") else \
-        f"{stack.rpartition('.')[2]}.{index}" if stack else row
+    if not stack:
+        return row
+    if stack.endswith("model.layers") or stack in ("layers", "h", "transformer.h"):
+        return index
+    return f"{stack.rpartition('.')[2]}.{index}"
 
 
 def coverage_figure(data: dict[str, Any]) -> str:

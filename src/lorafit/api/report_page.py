@@ -13,6 +13,8 @@ from ..errors import LorafitError, ModelNotFoundError
 from ..report import Report
 from .figures import adapter_figures, scan_figures
 
+MAX_SCAN_BYTES = 4 << 30  # a scan's records: about 0.13 MB an adapter, so tens of thousands fit
+
 
 def report_html(path: str | Path, out: str | Path, base: str | None = None, class_name: str | None = None,
                 revision: str | None = None, force: bool = False) -> Report:
@@ -83,22 +85,19 @@ def _adapter_report(path: Path | str, base: str | None, class_name: str | None, 
 
 
 def _scan_report(directory: Path) -> tuple[Report, str]:
-    from ..fileio.inputs import parse_json
+    from ..fileio.inputs import parse_json, parse_json_lines, read_bytes
     from .html_page import scan_page
 
     jsonl = directory / "scan.jsonl"
-    records = []
-    for n, line in enumerate(jsonl.read_bytes().splitlines(), 1):
-        if line.strip():
-            record = parse_json(line, jsonl, LorafitError, f"line {n}")
-            if not isinstance(record, dict) or not isinstance(record.get("adapter"), str):
-                raise LorafitError(f"line {n} is not a scan record (no adapter)", jsonl)
-            records.append(record)
+    records = parse_json_lines(read_bytes(jsonl, limit=MAX_SCAN_BYTES), jsonl, LorafitError)
+    for n, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get("adapter"), str):
+            raise LorafitError(f"record {n} is not a scan record (no adapter)", jsonl)
     if not records:
         raise LorafitError("holds no scan records", jsonl)
     summary: dict[str, Any] = {}
     if (directory / "summary.json").is_file():
-        loaded = parse_json((directory / "summary.json").read_bytes(), directory / "summary.json", LorafitError)
+        loaded = parse_json(read_bytes(directory / "summary.json"), directory / "summary.json", LorafitError)
         summary = loaded if isinstance(loaded, dict) else {}
     try:
         figures = scan_figures(records)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LorafitError
 from ..report import Report
+from ..targets.transformers.tree_cache import cache_root, write_cache_file
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -104,8 +105,6 @@ def _stat_key(adapter_dir: Path) -> str:
 def _cache_dir() -> Path | None:
     if os.environ.get("LORAFIT_NO_CACHE"):
         return None
-    from ..targets.transformers.tree_cache import cache_root
-
     return cache_root() / "scan"
 
 
@@ -164,8 +163,8 @@ def _judge_cached(adapter_dir: Path, options: ScanOptions) -> tuple[dict[str, An
         content = content_hash(adapter_dir, digests)
         base_config = _base_config(record)
         entry = {"record": record, "base_config": base_config, "base": _base_fingerprint(base_config)}
-        _write_atomic(where / _record_name(adapter_dir, content, options), json.dumps(entry, default=str))
-        _write_atomic(stat_file, content)
+        write_cache_file(where / _record_name(adapter_dir, content, options), json.dumps(entry, default=str))
+        write_cache_file(stat_file, content)
     except OSError:
         pass  # a cache that cannot be written (or an adapter gone meanwhile) only costs time
     return record, False
@@ -189,13 +188,6 @@ def _base_fingerprint(base_config: str | None) -> str:
         except OSError:
             h.update(b"\0missing")
     return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _judge_group(dirs: list[Path], options: ScanOptions) -> list[tuple[dict[str, Any], bool]]:

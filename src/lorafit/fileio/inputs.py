@@ -102,6 +102,13 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+def parse_json_lines(raw: bytes, path: Path, error: ErrorType) -> list[Any]:
+    """JSON Lines from an untrusted file: one value per non-blank line, each parsed as parse_json does. Raises
+    error naming the line that is not JSON."""
+    return [parse_json(line, path, error, what=f"line {n}")
+            for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
+
+
 def parse_json(raw: bytes, path: Path, error: ErrorType, what: str = "",
                pairs: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
     """Parse JSON bytes from an untrusted file: UTF-8, at most MAX_JSON_DEPTH deep, integers of sane length.

@@ -61,15 +61,24 @@ def write_document(name: str, data: Any) -> None:
     """Write a cached JSON document atomically; a cache that cannot be written is silently skipped."""
     if os.environ.get("LORAFIT_NO_CACHE"):
         return
-    d = _cache_dir()
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, d / name)
+        write_cache_file(_cache_dir() / name, json.dumps(data))
     except OSError:
         pass
+
+
+def write_cache_file(path: Path, text: str) -> None:
+    """Write a file of lorafit's cache atomically (a unique temp file beside it, then a rename), so a reader in
+    another process sees the old file or the new one, never part of one. Raises OSError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def renames_key(target_key: str, adapter: Adapter) -> str:
